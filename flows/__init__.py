@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline (`python -m flows.pipeline`)."""
