@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.files import atomic_path, read_json, write_json
+from tasks.files import read_json, save_torch, write_json
 from tasks.params import Build, Params, Train
 from tasks.prepare import MANIFEST
 
@@ -105,8 +105,7 @@ def run(params: Params) -> dict:
         "classes": len(manifest["classes"]),
         "architecture": str(model),
     }
-    with atomic_path(INIT) as tmp:
-        torch.save(model.state_dict(), tmp)
+    save_torch(model.state_dict(), INIT)
     write_json(SUMMARY, summary)
     print(f"build: {params.build.model} with {n_params:,} parameters")
     return {"init": str(INIT), "summary": str(SUMMARY), "parameters": n_params}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tasks import tracking
-from tasks.files import atomic_path, read_json, sha256_file, write_json
+from tasks.files import atomic_path, read_json, save_torch, sha256_file, write_json
 from tasks.params import Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -81,10 +81,18 @@ def log_to_mlflow(run_id: str, scripted: torch.jit.ScriptModule, example: torch.
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with torch.no_grad():
         output = scripted(example).numpy()
+    # Created here, in the run's experiment: left to itself, log_model files a model logged
+    # without an active run under the default experiment, where `runs:/<id>/model` misses it.
+    client = tracking.client()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name="model", source_run_id=run_id, params=run.data.params
+    )
     info = mlflow.pytorch.log_model(
         scripted,
         name="model",
         run_id=run_id,
+        model_id=logged.model_id,
         # The default "pt2" format refuses a ScriptModule (MLflow 3.14+).
         serialization_format="pickle",
         signature=infer_signature(example.numpy(), output),
@@ -110,12 +118,12 @@ def run(params: Params) -> dict:
     scripted = torch.jit.script(model)
     program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
 
-    with atomic_path(STATE) as tmp:
-        torch.save(model.state_dict(), tmp)
-    with atomic_path(TORCHSCRIPT) as tmp:
-        torch.jit.save(scripted, str(tmp))
-    with atomic_path(EXPORTED) as tmp:
-        torch.export.save(program, tmp)
+    save_torch(model.state_dict(), STATE)
+    # Open files, not paths, so that the temporary name does not end up inside the archive.
+    with atomic_path(TORCHSCRIPT) as tmp, open(tmp, "wb") as f:
+        torch.jit.save(scripted, f)
+    with atomic_path(EXPORTED) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)
 
     diffs = check_in_fresh_process(x, expected, TORCHSCRIPT, EXPORTED)
     bad = {k: v for k, v in diffs.items() if not v <= params.export.atol}

@@ -47,3 +47,15 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """`torch.save`, atomically and byte-for-byte reproducibly.
+
+    Saved to an open file rather than a path: torch names the archive inside after the file, and
+    the temporary file's name must not leak into the bytes (same weights, same file hash).
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

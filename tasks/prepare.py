@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from tasks.files import atomic_path, write_json
+from tasks.files import save_torch, write_json
 from tasks.params import Params
 
 OUT_DIR = Path("data/prepared")
@@ -109,8 +109,7 @@ def run(params: Params) -> dict:
         "sizes": {name: int(parts[name].shape[0]) for name in SPLITS},
         "sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
     }
-    with atomic_path(TENSORS) as tmp:
-        torch.save(tensors, tmp)
+    save_torch(tensors, TENSORS)
     write_json(MANIFEST, manifest)
     print(f"prepare: {manifest['sizes']} images of shape {manifest['input_shape']}, {len(classes)} classes")
     return {"tensors": str(TENSORS), "manifest": str(MANIFEST), "sizes": manifest["sizes"]}

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tasks import tracking
 from tasks.build import INIT, build_loss, build_optimizer, load_model
 from tasks.evaluate import evaluate
-from tasks.files import atomic_path, read_json, write_json, write_text
+from tasks.files import read_json, save_torch, write_json, write_text
 from tasks.params import PARAMS_FILE, Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -119,8 +119,7 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
     try:
         result = fit(params, run_id)
         best = result["history"][result["best_epoch"] - 1]
-        with atomic_path(BEST) as tmp:
-            torch.save(result["best_state"], tmp)
+        save_torch(result["best_state"], BEST)
         write_json(
             METRICS,
             {"best_epoch": result["best_epoch"], "val": {"loss": best["val/loss"], "accuracy": best["val/accuracy"]}},

@@ -1,0 +1,181 @@
+"""The real `dvc repro` in a temporary git repository, on the default params.
+
+The tests share one repository and run in file order: the first repro, then checks on what it
+made, then changes (a bad key, a new epoch count) and what DVC re-runs for them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.files import sha256_file
+from tasks.tracking import tracking_uri
+from tests.conftest import dvc, make_project, set_param, sh
+
+pytestmark = pytest.mark.slow
+OUTPUTS = [
+    "data/prepared/splits.pt",
+    "models/build/init.pt",
+    "models/train/best.pt",
+    "metrics/evaluate.json",
+    "plots/confusion.png",
+    "models/export/model.ts",
+    "models/export/model.pt2",
+]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("dvc")
+    path = make_project(tmp / "project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.chdir(path)
+        first = dvc("repro", cwd=path)
+        yield path, first
+
+
+def mlflow_runs(path: Path):
+    from tasks.tracking import client
+
+    c = client()
+    experiment = c.get_experiment_by_name("pipeline")
+    return c, c.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_first_repro_runs_every_stage_and_reaches_097(repo):
+    path, first = repo
+    for stage in ("prepare", "build", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for out in OUTPUTS:
+        assert (path / out).stat().st_size > 0, out
+    accuracy = json.loads((path / "metrics/evaluate.json").read_text())["test"]["accuracy"]
+    assert accuracy >= 0.97
+
+
+def test_second_repro_runs_nothing(repo):
+    path, _ = repo
+    again = dvc("repro", cwd=path)
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date." in again.stdout
+    assert "up to date" in dvc("status", cwd=path).stdout
+
+
+def test_metrics_and_plots_commands_read_the_outputs(repo):
+    path, _ = repo
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=path).stdout)
+    metrics = shown[""]["data"]
+    assert metrics["metrics/evaluate.json"]["data"]["test"]["accuracy"] >= 0.97
+    assert metrics["metrics/train.json"]["data"]["best_epoch"] >= 1
+    assert "metrics/evaluate.json" in dvc("metrics", "diff", "--all", cwd=path).stdout
+    dvc("plots", "show", "-o", "dvc_plots", cwd=path)
+    html = (path / "dvc_plots/index.html").read_text()
+    assert "plots/train.csv" in html and "plots/confusion.csv" in html and "confusion.png" in html
+
+
+def test_exports_match_eager_in_a_process_without_project_code(repo, tmp_path):
+    """Load each export with torch alone, from an empty folder, and compare with the eager model."""
+    path, _ = repo
+    from tasks.build import load_model
+    from tasks.params import load
+
+    model = load_model(load(path / "params.yaml"), path / "models/export/model_state.pt").eval()
+    x = torch.load(path / "data/prepared/splits.pt", weights_only=True)["test_x"].float()
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"x": x}, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        assert not any(m.split(".")[0] in ("tasks", "flows") for m in sys.modules)
+        x = torch.load("x.pt", weights_only=True)["x"]
+        with torch.no_grad():
+            ts = torch.jit.load({str(path / "models/export/model.ts")!r})(x)
+            ep = torch.export.load({str(path / "models/export/model.pt2")!r}).module()(x)
+        torch.save({{"ts": ts, "ep": ep}}, "out.pt")
+        """
+    )
+    sh(sys.executable, "-I", "-c", script, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    info = json.loads((path / "models/export/model.json").read_text())
+    for name in ("ts", "ep"):
+        assert torch.allclose(out[name], expected, atol=info["check"]["atol"], rtol=0)
+    assert info["classes"] == [str(i) for i in range(10)] and info["input"]["shape"] == ["batch", 1, 8, 8]
+
+
+def test_one_mlflow_run_with_params_curves_metrics_lineage_and_model(repo):
+    path, _ = repo
+    import mlflow
+
+    c, runs = mlflow_runs(path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["build.model"] == "cnn"
+    assert len(c.get_metric_history(run.info.run_id, "val/accuracy")) == 30
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 31))
+    test_accuracy = json.loads((path / "metrics/evaluate.json").read_text())["test"]["accuracy"]
+    assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
+    commit = sh("git", "rev-parse", "HEAD", cwd=path).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["git.dirty"] == "false"
+    assert run.data.tags["orchestrator"] == "dvc"
+    artifacts = {a.path for folder in ("data", "params", "plots") for a in c.list_artifacts(run.info.run_id, folder)}
+    assert {"data/manifest.json", "params/params.yaml", "plots/confusion.png", "plots/train.csv"} <= artifacts
+
+    mlflow.set_tracking_uri(tracking_uri())
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = torch.load(path / "data/prepared/splits.pt", weights_only=True)["test_x"].float()
+    scripted = torch.jit.load(path / "models/export/model.ts")
+    with torch.no_grad():
+        assert torch.equal(logged(x).argmax(1), scripted(x).argmax(1))
+
+
+def test_misspelt_key_fails_with_one_line_and_keeps_outputs(repo):
+    path, _ = repo
+    before = {out: sha256_file(path / out) for out in OUTPUTS}
+    lock = (path / "dvc.lock").read_text()
+    set_param(path, "epochs: 30", "epocs: 30")
+    try:
+        failed = dvc("repro", cwd=path, check=False)
+    finally:
+        set_param(path, "epocs: 30", "epochs: 30")
+    assert failed.returncode != 0
+    assert "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)" in failed.stderr.splitlines()
+    assert {out: sha256_file(path / out) for out in OUTPUTS} == before
+    assert (path / "dvc.lock").read_text() == lock
+    assert "up to date" in dvc("status", cwd=path).stdout
+
+
+def test_changing_epochs_reruns_train_and_after_only(repo):
+    path, _ = repo
+    sh("git", "add", "-A", cwd=path)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=path)
+    set_param(path, "epochs: 30", "epochs: 31")
+    out = dvc("repro", cwd=path).stdout
+    assert "Stage 'prepare' didn't change" in out and "Stage 'build' didn't change" in out
+    for stage in ("train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in out
+    diff = dvc("params", "diff", cwd=path).stdout
+    assert "train.epochs" in diff and "30" in diff and "31" in diff
+    assert "metrics/train.json" in dvc("metrics", "diff", "--all", cwd=path).stdout
+    _, runs = mlflow_runs(path)
+    assert len(runs) == 2 and runs[1].data.params["train.epochs"] == "31"
+    assert runs[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
+
+
+def test_no_telemetry_is_configured():
+    assert "analytics = false" in (Path(__file__).resolve().parents[1] / ".dvc/config").read_text()
+    env = {"PATH": "/usr/bin:/bin"}
+    probe = "import tasks.tracking, os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert proc.stdout.strip() == "true"

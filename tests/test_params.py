@@ -1,0 +1,110 @@
+"""params.yaml validation: every mistake is one line naming the key, and nothing runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.params import ConfigError, Params, load, write_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load(path, overrides)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_project_params_file_is_valid():
+    params = load(ROOT / "params.yaml")
+    assert params.flat()["train.epochs"] == params.train.epochs
+    assert set(params.model_dump()) == {"seed", "prepare", "build", "train", "evaluate", "export"}
+
+
+def test_misspelt_key_is_named_with_a_suggestion(tmp_path):
+    message = error_of(write(tmp_path, "train:\n  epocs: 3\n"))
+    assert message == f"{tmp_path / 'params.yaml'}: train.epocs: unknown key (did you mean 'epochs'?)"
+
+
+def test_unknown_section_lists_what_is_allowed(tmp_path):
+    message = error_of(write(tmp_path, "trian_stuff:\n  epochs: 3\n"))
+    assert "trian_stuff: unknown key" in message
+    assert "train" in message
+
+
+def test_wrong_type_shows_the_value_and_the_expected_type(tmp_path):
+    message = error_of(write(tmp_path, "train:\n  epochs: ten\n"))
+    assert "train.epochs: got 'ten'" in message
+    assert "integer" in message
+
+
+def test_out_of_range_and_bad_choice(tmp_path):
+    assert "train.lr: got -0.1; input should be greater than 0" in error_of(write(tmp_path, "train:\n  lr: -0.1\n"))
+    message = error_of(write(tmp_path, "build:\n  model: resnet\n"))
+    assert "build.model: got 'resnet'" in message and "'mlp' or 'cnn'" in message
+
+
+def test_fractions_must_leave_training_data(tmp_path):
+    message = error_of(write(tmp_path, "prepare:\n  val_fraction: 0.5\n  test_fraction: 0.45\n"))
+    assert "prepare" in message and "below 0.9" in message
+
+
+def test_not_yaml_gives_the_line(tmp_path):
+    assert "not valid YAML at line 3" in error_of(write(tmp_path, "train:\n  epochs: [3\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    params = load(path, ["train.lr=0.01", "build.channels=[8, 16]", "build.model=mlp"])
+    assert params.train.lr == 0.01 and params.build.channels == [8, 16] and params.build.model == "mlp"
+    assert "train.lrr: unknown key (did you mean 'lr'?)" in error_of(path, ["train.lrr=0.1"])
+    assert "expected KEY=VALUE" in error_of(path, ["train.lr"])
+
+
+def test_write_overrides_keeps_comments_and_other_keys(tmp_path):
+    path = write(tmp_path, "seed: 1  # the seed\ntrain:\n  epochs: 3   # few\n  lr: 0.1\n")
+    write_overrides(path, ["train.lr=0.02"])
+    assert path.read_text() == "seed: 1  # the seed\ntrain:\n  epochs: 3   # few\n  lr: 0.02\n"
+    assert load(path).train.lr == 0.02
+
+
+def test_defaults_match_the_committed_params_file():
+    """params.yaml spells out every default, so what a user reads is what runs."""
+    assert load(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("entry", [["-m", "tasks", "train"], ["-m", "flows.pipeline"]])
+def test_entry_points_reject_a_bad_key_without_importing_heavy_libraries(tmp_path, entry):
+    """Exit code 2, one line on stderr, no file written, and torch/Prefect/MLflow never imported."""
+    write(tmp_path, "train:\n  epochs: 3\n")
+    probe = (
+        "import runpy, sys, atexit\n"
+        "atexit.register(lambda: print(sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules))))\n"
+        f"sys.argv = ['x'] + {entry[2:]!r} + ['--set', 'train.epocs=4']\n"
+        f"runpy.run_module({entry[1]!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)"
+    assert proc.stdout.strip() == "[]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("entry", [["-m", "tasks"], ["-m", "flows.pipeline"]])
+def test_help_is_fast_and_light(entry):
+    proc = subprocess.run([sys.executable, *entry, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--set KEY=VALUE" in proc.stdout

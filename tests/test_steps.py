@@ -1,0 +1,124 @@
+"""The step functions themselves, on the real digits data, in a throwaway copy of the project."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import build, prepare, train
+from tasks.files import read_json, sha256_file
+from tasks.params import load
+
+
+def test_prepare_splits_stratified_disjoint_and_seeded(project):
+    params = load()
+    prepare.run(params)
+    manifest = read_json(prepare.MANIFEST, "prepare")
+    tensors = torch.load(prepare.TENSORS, weights_only=True)
+
+    assert manifest["sizes"] == {"train": 1257, "val": 270, "test": 270}
+    assert tensors["train_x"].dtype == torch.uint8 and list(tensors["train_x"].shape[1:]) == [1, 8, 8]
+    # Stratified: every class has its share (about 15 %) of the test split, give or take one image.
+    totals = {c: sum(manifest["counts"][s][c] for s in prepare.SPLITS) for c in manifest["classes"]}
+    for c, n in manifest["counts"]["test"].items():
+        assert abs(n - 0.15 * totals[c]) <= 1
+    # Disjoint: no image appears in two splits (digits has no exact duplicates across these).
+    rows = {s: {bytes(x.numpy()) for x in tensors[f"{s}_x"]} for s in prepare.SPLITS}
+    assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+    # Normalisation statistics come from the train split alone.
+    train_scaled = tensors["train_x"].double() / 16
+    assert manifest["normalisation"]["mean"][0] == pytest.approx(train_scaled.mean().item(), abs=1e-7)
+    assert manifest["normalisation"]["std"][0] == pytest.approx(train_scaled.std().item(), abs=1e-7)
+
+    first = manifest["sha256"]
+    prepare.run(params)
+    assert read_json(prepare.MANIFEST, "prepare")["sha256"] == first
+    prepare.run(load(overrides=["seed=7"]))
+    assert read_json(prepare.MANIFEST, "prepare")["sha256"]["test_y"] != first["test_y"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_build_makes_a_seeded_model_that_takes_raw_pixels(project, model):
+    params = load(overrides=[f"build.model={model}"])
+    prepare.run(params)
+    summary = build.run(params)
+    net = build.load_model(params, build.INIT)
+    assert summary["parameters"] == sum(p.numel() for p in net.parameters())
+    assert net(torch.full((4, 1, 8, 8), 16.0)).shape == (4, 10)
+    # Raw pixels are standardised inside the model: train images come out with mean 0, std 1.
+    x = prepare.load_split("train")[0].float()
+    z = net[0](x)
+    assert z.mean().item() == pytest.approx(0, abs=1e-4) and z.std().item() == pytest.approx(1, abs=1e-3)
+    before = sha256_file(build.INIT)
+    build.run(params)
+    assert sha256_file(build.INIT) == before
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optimizers_are_built_with_their_hyperparameters(project, optimizer):
+    params = load(overrides=[f"train.optimizer={optimizer}", "train.lr=0.02", "train.weight_decay=0.001"])
+    opt = build.build_optimizer(torch.nn.Linear(2, 2), params.train)
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.001
+    assert type(opt).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[optimizer]
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["momentum"] == params.train.momentum
+
+
+def test_training_learns_and_is_byte_reproducible(project):
+    params = load()
+    prepare.run(params)
+    build.run(params)
+    first = train.run(params)
+    weights = sha256_file(train.BEST)
+    metrics = read_json(train.METRICS, "train")
+    assert metrics["val"]["accuracy"] > 0.85  # 3 epochs are plenty to learn digits
+    assert 1 <= metrics["best_epoch"] <= 3
+
+    second = train.run(params)
+    assert sha256_file(train.BEST) == weights
+    assert second["run_id"] != first["run_id"]  # a new MLflow run per training
+
+    train.run(load(overrides=["seed=1"]))
+    assert sha256_file(train.BEST) != weights
+
+
+def test_curves_have_one_row_per_epoch(project):
+    params = load()
+    prepare.run(params)
+    build.run(params)
+    train.run(params)
+    lines = train.CURVES.read_text().splitlines()
+    assert lines[0] == "epoch,train/loss,val/loss,val/accuracy"
+    losses = [float(line.split(",")[1]) for line in lines[1:]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_divergence_stops_with_a_message_and_writes_nothing(project, monkeypatch):
+    params = load()
+    prepare.run(params)
+    build.run(params)
+
+    class Diverging(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):  # what a too-high learning rate ends in
+            return super().forward(logits, target) * float("nan")
+
+    monkeypatch.setattr(train, "build_loss", lambda cfg: Diverging())
+    with pytest.raises(train.TrainingError, match=r"train/loss is nan at epoch 1; lower train.lr \(now 0.003\)"):
+        train.run(params)
+    assert not train.BEST.exists() and not train.METRICS.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    with pytest.raises(train.TrainingError, match="no CUDA device"):
+        train.pick_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda(project):
+    params = load(overrides=["train.device=cuda", "train.epochs=1"])
+    prepare.run(params)
+    build.run(params)
+    assert train.run(params)["best_epoch"] == 1
+    assert np.isfinite(read_json(train.METRICS, "train")["val"]["loss"])
