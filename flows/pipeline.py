@@ -74,8 +74,11 @@ def open_dvc() -> Any:
     """The DVC repository of the working directory, or None outside one."""
     if not Path(".dvc").is_dir():
         return None
+    import logging
+
     from dvc.repo import Repo
 
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # the flow reports its own commits
     return Repo(".")
 
 
@@ -98,6 +101,7 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
             results[stage] = STEP_TASKS[stage](stage, params_path, tags)
             if repo is not None:
                 repo.commit(stage, force=True)
+                print(f"{stage}: committed to dvc.lock")
     finally:
         if repo is not None:
             repo.close()
