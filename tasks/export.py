@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tasks import tracking
-from tasks.files import atomic_path, read_json, save_torch, sha256_file, write_json
+from tasks.files import atomic_path, read_json, sha256_file, write_json
 from tasks.params import Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -118,19 +118,22 @@ def run(params: Params) -> dict:
     scripted = torch.jit.script(model)
     program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
 
-    save_torch(model.state_dict(), STATE)
-    # Open files, not paths, so that the temporary name does not end up inside the archive.
-    with atomic_path(TORCHSCRIPT) as tmp, open(tmp, "wb") as f:
-        torch.jit.save(scripted, f)
-    with atomic_path(EXPORTED) as tmp, open(tmp, "wb") as f:
-        torch.export.save(program, f)
-
-    diffs = check_in_fresh_process(x, expected, TORCHSCRIPT, EXPORTED)
-    bad = {k: v for k, v in diffs.items() if not v <= params.export.atol}
-    if bad:
-        for path in (STATE, TORCHSCRIPT, EXPORTED):
-            path.unlink(missing_ok=True)
-        raise ExportError(f"exported model differs from the eager model by {bad} (export.atol is {params.export.atol})")
+    # Everything is written beside its final name and checked there; only a model that passes
+    # replaces the previous export, so a failed check leaves the old files as they were.
+    with atomic_path(STATE) as state, atomic_path(TORCHSCRIPT) as ts, atomic_path(EXPORTED) as pt2:
+        # Open files, not paths, so that the temporary name does not end up inside the archive.
+        with open(state, "wb") as f:
+            torch.save(model.state_dict(), f)
+        with open(ts, "wb") as f:
+            torch.jit.save(scripted, f)
+        with open(pt2, "wb") as f:
+            torch.export.save(program, f)
+        diffs = check_in_fresh_process(x, expected, ts, pt2)
+        bad = {k: v for k, v in diffs.items() if not v <= params.export.atol}
+        if bad:
+            raise ExportError(
+                f"exported model differs from the eager model by {bad} (export.atol is {params.export.atol})"
+            )
 
     info = {
         "classes": manifest["classes"],

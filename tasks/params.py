@@ -8,7 +8,9 @@ Prefect or MLflow. A bad file gives one line naming the key, the value and what 
 
 from __future__ import annotations
 
+import copy
 import difflib
+import io
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -126,8 +128,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each `KEY=VALUE` in a copy of the raw params; unknown keys are caught by `validate`."""
-    import copy
-
     data = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
@@ -188,8 +188,6 @@ def write_overrides(path: Path, overrides: list[str]) -> None:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
-    import io
-
     buf = io.StringIO()
     rt.dump(doc, buf)
     write_text(path, buf.getvalue())

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tasks import tracking
 from tasks.build import INIT, build_loss, build_optimizer, load_model
 from tasks.evaluate import evaluate
-from tasks.files import read_json, save_torch, write_json, write_text
+from tasks.files import read_json, save_torch, sha256_file, write_json, write_text
 from tasks.params import PARAMS_FILE, Params
-from tasks.prepare import MANIFEST, load_split
+from tasks.prepare import MANIFEST, TENSORS, load_split
 
 OUT_DIR = Path("models/train")
 BEST = OUT_DIR / "best.pt"
@@ -114,7 +114,7 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
     run_id = tracking.start_run(
         params.flat(),
         artifacts={"data": MANIFEST, "params": params_path},
-        tags={"data.sha256": read_json(MANIFEST, made_by="prepare")["sha256"]["train_x"][:16], **(tags or {})},
+        tags={"data.sha256": sha256_file(TENSORS), **(tags or {})},
     )
     try:
         result = fit(params, run_id)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import build, prepare, train
+from tasks import build, evaluate, export, prepare, train
 from tasks.files import read_json, sha256_file
 from tasks.params import load
 
@@ -107,6 +107,26 @@ def test_divergence_stops_with_a_message_and_writes_nothing(project, monkeypatch
     with pytest.raises(train.TrainingError, match=r"train/loss is nan at epoch 1; lower train.lr \(now 0.003\)"):
         train.run(params)
     assert not train.BEST.exists() and not train.METRICS.exists()
+    from tasks.tracking import client
+
+    runs = client().search_runs([client().get_experiment_by_name("pipeline").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatch):
+    params = load()
+    for step in (prepare, build, train, evaluate, export):
+        step.run(params)
+    files = (export.STATE, export.TORCHSCRIPT, export.EXPORTED, export.INFO)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns, sha256_file(p)) for p in files}
+    assert read_json(export.INFO, "export")["check"]["max_abs_diff"] == {"torchscript": 0.0, "torch_export": 0.0}
+
+    monkeypatch.setattr(export, "check_in_fresh_process", lambda *a: {"torchscript": 0.0, "torch_export": 0.5})
+    with pytest.raises(export.ExportError, match="torch_export"):
+        export.run(params)
+    # Not rewritten at all: same inode, same modification time, same bytes.
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns, sha256_file(p)) for p in files} == before
+    assert not [p for p in export.OUT_DIR.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
