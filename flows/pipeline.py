@@ -19,41 +19,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from tasks import STAGES, USER_ERRORS, run_stage
-from tasks.params import PARAMS_FILE, ConfigError, load, write_overrides
+from tasks import STAGES, run_stage
+from tasks.cli import add_params_arguments, load_or_exit, user_errors
+from tasks.params import PARAMS_FILE, load, write_overrides
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a param and write it to the params file, e.g. --set train.lr=0.01 (repeatable)",
+    add_params_arguments(
+        p, set_help="override a param and write it to the params file, e.g. --set train.lr=0.01 (repeatable)"
     )
     p.add_argument("--force", action="store_true", help="run every step, even those DVC finds up to date")
     return p
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
     # Answer --help and reject bad params before the imports below, which take seconds.
     ARGS = parser().parse_args()
-    try:
-        load(ARGS.params, ARGS.overrides)
-    except ConfigError as exc:
-        fail(str(exc), code=2)
+    load_or_exit(ARGS.params, ARGS.overrides)
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -131,14 +117,8 @@ def summary() -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
+    with user_errors():
         pipeline(params_path=str(args.params), overrides=args.overrides or None, force=args.force)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    except Exception as exc:
-        if type(exc).__name__ in USER_ERRORS:
-            fail(str(exc))
-        raise
     print(summary())
 
 

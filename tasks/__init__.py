@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 STAGES = ("prepare", "build", "train", "evaluate", "export")
 
-# The steps' own errors: expected failures whose message is written for the user.
-USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "ExportError")
-
 
 def run_stage(stage: str, params: Params, params_path: Path, tags: dict[str, str] | None = None) -> dict:
     """Run one step in this process; `train` also opens the MLflow run, so it gets the tags."""

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-from tasks import STAGES, USER_ERRORS, run_stage
-from tasks.params import PARAMS_FILE, ConfigError, load
+from tasks import STAGES, run_stage
+from tasks.cli import add_params_arguments, load_or_exit, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,39 +22,17 @@ def parser() -> argparse.ArgumentParser:
         description="Run one pipeline step. `dvc repro` runs them all, in order, when their inputs change.",
     )
     p.add_argument("stage", choices=STAGES, help="the step to run")
-    p.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a param, e.g. --set train.lr=0.01 (repeatable)",
-    )
+    add_params_arguments(p, set_help="override a param, e.g. --set train.lr=0.01 (repeatable)")
     return p
-
-
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        params = load(args.params, args.overrides)
-    except ConfigError as exc:
-        fail(str(exc), code=2)
-    try:
+    params = load_or_exit(args.params, args.overrides)
+    with user_errors(prefix=f"{args.stage}: "):
         run_stage(
             args.stage, params, args.params, tags={"orchestrator": "dvc" if os.environ.get("DVC_STAGE") else "cli"}
         )
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    except Exception as exc:
-        if type(exc).__name__ in USER_ERRORS:
-            fail(f"{args.stage}: {exc}")
-        raise
 
 
 if __name__ == "__main__":
