@@ -9,7 +9,7 @@ Each step is a Prefect task named like its DVC stage, calling the same function 
 stale, runs only those, and commits each one it ran to `dvc.lock` and the DVC cache, so a flow
 run is versioned exactly like a `dvc repro` and a `dvc repro` after it has nothing to do.
 Overrides are validated, then written into params.yaml (as `dvc exp run -S` does), so the file
-always says what produced the outputs.
+says what the run uses and DVC judges staleness from the same values.
 
 Set PREFECT_API_URL to use a running Prefect server (`scripts/pipeline.sh` starts one);
 without it Prefect starts a temporary one for this process.
@@ -24,7 +24,7 @@ from typing import Any
 
 from tasks import STAGES, run_stage
 from tasks.cli import add_params_arguments, load_or_exit, user_errors
-from tasks.params import PARAMS_FILE, load, write_overrides
+from tasks.params import PARAMS_FILE, ConfigError, load, write_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,13 +72,20 @@ def open_dvc() -> Any:
 def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run the stale steps in order (all of them with `force`); return what each step returned."""
     path = Path(params_path)
-    load(path, overrides)  # a deployment's parameters are checked here too
-    if overrides:
-        write_overrides(path, overrides)
     repo = open_dvc()
     tags = {"orchestrator": "prefect", "prefect.flow_run_id": str(flow_run.id)}
     results: dict[str, Any] = {}
     try:
+        if repo is not None and path.resolve() != (Path(repo.root_dir) / PARAMS_FILE).resolve():
+            raise ConfigError(
+                f"--params {path}: in a DVC repository the params are {PARAMS_FILE}, which dvc.lock records; "
+                "edit it or use --set"
+            )
+        # Checked here too, for a deployment's parameters, before anything runs.
+        if overrides:
+            write_overrides(path, overrides)
+        else:
+            load(path)
         for stage in STAGES:
             if repo is not None and not force and not repo.status(targets=[stage]):
                 print(f"{stage}: up to date")

@@ -12,7 +12,9 @@ if [ "$(cat "$VENV/.lock-sha256" 2>/dev/null)" != "$lock_hash" ]; then
   echo "setting up $VENV from requirements.lock (first time: a few minutes, about 6 GB)"
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
     || { echo "error: Python 3.11 is required (found $("$PYTHON" --version)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  # From scratch, so that nothing the lock no longer lists stays behind.
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock \
     2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   echo "$lock_hash" > "$VENV/.lock-sha256"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.files import read_json, save_torch, write_json
+from tasks.files import read_json, require, save_torch, write_json
 from tasks.params import Build, Params, Train
 from tasks.prepare import MANIFEST
 
@@ -85,9 +85,7 @@ def build_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
 
 def load_model(params: Params, weights: Path) -> nn.Sequential:
     """The model of `params` with the weights saved at `weights` (a state dict)."""
-    if not weights.exists():
-        stage = "build" if weights == INIT else "train"
-        raise FileNotFoundError(f"{weights} is missing: run the '{stage}' stage first (dvc repro {stage})")
+    require(weights, made_by="build" if weights == INIT else "train")
     model = build_model(params.build, read_json(MANIFEST, made_by="prepare"))
     model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
     return model

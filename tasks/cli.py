@@ -15,7 +15,7 @@ from typing import NoReturn
 from tasks.params import PARAMS_FILE, ConfigError, Params, load
 
 # The steps' own errors: expected failures whose message is written for the user.
-USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "ExportError")
+USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "ExportError", "TrackingError")
 
 
 def add_params_arguments(parser: argparse.ArgumentParser, set_help: str) -> None:

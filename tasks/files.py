@@ -34,11 +34,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def require(path: str | Path, made_by: str) -> Path:
+    """`path`, or a FileNotFoundError telling which stage makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the '{made_by}' stage first (dvc repro {made_by})")
+    return path
+
+
 def read_json(path: str | Path, made_by: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: run the '{made_by}' stage first (dvc repro {made_by})") from None
+    return json.loads(require(path, made_by).read_text())
 
 
 def sha256_file(path: str | Path) -> str:

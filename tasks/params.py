@@ -126,18 +126,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _set(tree: dict[str, Any], keys: list[str], value: Any, text: str) -> None:
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {text!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each `KEY=VALUE` in a copy of the raw params; unknown keys are caught by `validate`."""
     data = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {key} is not a section")
-            node = child
-        node[keys[-1]] = value
+        _set(data, keys, value, text)
     return data
 
 
@@ -170,24 +173,28 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params
     return validate(apply_overrides(raw, overrides or []), source=str(path))
 
 
-def write_overrides(path: Path, overrides: list[str]) -> None:
-    """Write overrides into the params file, keeping its comments, as `dvc exp run -S` does.
+def write_overrides(path: Path, overrides: list[str]) -> Params:
+    """Validate overrides, then write them into the params file with its comments kept.
 
-    So the file always tells what produced the outputs, and `dvc repro` agrees with the flow.
-    Call it only after `load(path, overrides)` has validated them.
+    As `dvc exp run -S` does: the file then says what the next run uses, and `dvc repro` and the
+    flow agree on what is stale. What is written is the validated value (`1e-3` becomes the
+    number 0.001, not the string YAML 1.1 reads). Returns the validated params.
     """
     from ruamel.yaml import YAML
 
     from tasks.files import write_text
 
+    params = load(path, overrides)
+    validated = params.model_dump()
     rt = YAML()
     doc = rt.load(Path(path).read_text())
     for text in overrides:
-        keys, value = parse_override(text)
-        node = doc
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        keys, _ = parse_override(text)
+        value = validated
+        for key in keys:
+            value = value[key]
+        _set(doc, keys, value, text)
     buf = io.StringIO()
     rt.dump(doc, buf)
     write_text(path, buf.getvalue())
+    return params

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from tasks.files import save_torch, write_json
+from tasks.files import require, save_torch, write_json
 from tasks.params import Params
 
 OUT_DIR = Path("data/prepared")
@@ -33,12 +33,11 @@ class DataError(Exception):
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Images as uint8 (N, 1, 8, 8), labels (N,), class names, and the largest pixel value."""
+    """Images (N, 1, 8, 8) of whole numbers 0-16 (as floats), labels (N,), class names, the largest pixel value."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = digits.images.astype(np.uint8)[:, None, :, :]
-    return images, digits.target.astype(np.int64), [str(n) for n in digits.target_names], 16
+    return digits.images[:, None, :, :], digits.target.astype(np.int64), [str(n) for n in digits.target_names], 16
 
 
 def validate(images: np.ndarray, labels: np.ndarray, classes: list[str], max_value: int, min_per_class: int) -> None:
@@ -46,8 +45,8 @@ def validate(images: np.ndarray, labels: np.ndarray, classes: list[str], max_val
         raise DataError(f"expected images (N, C, H, W) and N labels, got {images.shape} and {labels.shape}")
     if images.shape[0] == 0:
         raise DataError("the data set is empty")
-    if images.min() < 0 or images.max() > max_value:
-        raise DataError(f"pixel values outside 0..{max_value}: min {images.min()}, max {images.max()}")
+    if images.min() < 0 or images.max() > max_value or not np.array_equal(images, np.round(images)):
+        raise DataError(f"pixels must be whole numbers in 0..{max_value}; found min {images.min()}, max {images.max()}")
     if labels.min() < 0 or labels.max() >= len(classes):
         raise DataError(f"labels outside 0..{len(classes) - 1}: min {labels.min()}, max {labels.max()}")
     counts = np.bincount(labels, minlength=len(classes))
@@ -59,10 +58,13 @@ def validate(images: np.ndarray, labels: np.ndarray, classes: list[str], max_val
 def split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Sorted indices per split, stratified by label and fixed by the seed."""
     index = np.arange(labels.shape[0])
-    rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
-    )
+    try:
+        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+        train, val = train_test_split(
+            rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
+        )
+    except ValueError as exc:  # a split too small to hold every class
+        raise DataError(f"cannot split {labels.shape[0]} images stratified: {exc}; raise the fraction") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -74,6 +76,7 @@ def run(params: Params) -> dict:
     cfg = params.prepare
     images, labels, classes, max_value = load_digits()
     validate(images, labels, classes, max_value, min_per_class=3)
+    images = images.astype(np.uint8)  # checked above: whole numbers in 0..max_value <= 255
     parts = split(labels, cfg.val_fraction, cfg.test_fraction, params.seed)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -117,7 +120,5 @@ def run(params: Params) -> dict:
 
 def load_split(name: str, path: Path = TENSORS) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, C, H, W), labels int64 (N,)) of one split."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the 'prepare' stage first (dvc repro prepare)")
-    tensors = torch.load(path, weights_only=True)
+    tensors = torch.load(require(path, made_by="prepare"), weights_only=True)
     return tensors[f"{name}_x"], tensors[f"{name}_y"]

@@ -60,8 +60,8 @@ def git_tags() -> dict[str, str]:
     }
 
 
-def start_run(flat_params: dict[str, Any], artifacts: dict[str, Path], tags: dict[str, str]) -> str:
-    """Create the run with params, tags and input artifacts; return its id."""
+def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> str:
+    """Create the run with its params and tags; return its id."""
     from mlflow.entities import Param
 
     c = client()
@@ -71,8 +71,6 @@ def start_run(flat_params: dict[str, Any], artifacts: dict[str, Path], tags: dic
     run = c.create_run(experiment_id, tags={**git_tags(), **tags})
     run_id = run.info.run_id
     c.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat_params.items()])
-    for folder, path in artifacts.items():
-        c.log_artifact(run_id, str(path), folder)
     return run_id
 
 
@@ -93,6 +91,16 @@ def end_run(run_id: str, ok: bool) -> None:
     client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
+class TrackingError(Exception):
+    """The MLflow run to log to cannot be used; the message says why."""
+
+
 def current_run_id() -> str:
     """The run that `train` opened for the model the later stages work on."""
-    return read_json(RUN_FILE, made_by="train")["run_id"]
+    run = read_json(RUN_FILE, made_by="train")
+    if run["tracking_uri"] != tracking_uri():
+        raise TrackingError(
+            f"the model in {RUN_FILE.parent} was logged to {run['tracking_uri']}, but MLFLOW_TRACKING_URI is "
+            f"{tracking_uri()}: use the same store, or run 'train' again (dvc repro --force train)"
+        )
+    return run["run_id"]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tasks import tracking
 from tasks.build import INIT, build_loss, build_optimizer, load_model
 from tasks.evaluate import evaluate
-from tasks.files import read_json, save_torch, sha256_file, write_json, write_text
+from tasks.files import read_json, require, save_torch, sha256_file, write_json, write_text
 from tasks.params import PARAMS_FILE, Params
 from tasks.prepare import MANIFEST, TENSORS, load_split
 
@@ -111,12 +111,11 @@ def fit(params: Params, run_id: str) -> dict:
 
 
 def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = PARAMS_FILE) -> dict:
-    run_id = tracking.start_run(
-        params.flat(),
-        artifacts={"data": MANIFEST, "params": params_path},
-        tags={"data.sha256": sha256_file(TENSORS), **(tags or {})},
-    )
+    data_hash = sha256_file(require(TENSORS, made_by="prepare"))
+    run_id = tracking.start_run(params.flat(), tags={"data.sha256": data_hash, **(tags or {})})
     try:
+        tracking.log_artifacts(run_id, "data", [MANIFEST])
+        tracking.log_artifacts(run_id, "params", [params_path])
         result = fit(params, run_id)
         best = result["history"][result["best_epoch"] - 1]
         save_torch(result["best_state"], BEST)
@@ -127,9 +126,10 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
         lines = ["epoch," + ",".join(CURVE_KEYS)]
         lines += [f"{h['epoch']}," + ",".join(f"{h[k]:.6f}" for k in CURVE_KEYS) for h in result["history"]]
         write_text(CURVES, "\n".join(lines) + "\n")
+        # Last: the later stages find the run through this file.
+        write_json(tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": tracking.tracking_uri()})
         tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
         tracking.log_artifacts(run_id, "plots", [CURVES])
-        write_json(tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": tracking.tracking_uri()})
     except BaseException:
         tracking.end_run(run_id, ok=False)
         raise

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tasks import STAGES
+from tasks.params import ConfigError
 from tests.conftest import dvc, sh
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,11 @@ def test_flow_runs_stale_stages_in_dvc_order_and_commits_them(prefect_api, proje
     again = pipeline(return_state=True)
     assert again.is_completed() and task_runs(again.state_details.flow_run_id) == []
     assert set(again.result().values()) == {"up to date"}
+
+    # Inside a DVC repository the params are params.yaml, which dvc.lock records.
+    (project / "other.yaml").write_text((project / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match="in a DVC repository the params are params.yaml"):
+        pipeline(params_path="other.yaml")
 
     c = client()
     runs = c.search_runs([c.get_experiment_by_name("pipeline").experiment_id])

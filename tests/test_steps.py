@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from tasks import build, evaluate, export, prepare, train
+from tasks import build, evaluate, export, prepare, tracking, train
 from tasks.files import read_json, sha256_file
 from tasks.params import load
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_prepare_splits_stratified_disjoint_and_seeded(project):
@@ -25,7 +29,7 @@ def test_prepare_splits_stratified_disjoint_and_seeded(project):
         assert abs(n - 0.15 * totals[c]) <= 1
     # Disjoint: no image appears in two splits (digits has no exact duplicates across these).
     rows = {s: {bytes(x.numpy()) for x in tensors[f"{s}_x"]} for s in prepare.SPLITS}
-    assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+    assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"] and not rows["train"] & rows["val"]
     # Normalisation statistics come from the train split alone.
     train_scaled = tensors["train_x"].double() / 16
     assert manifest["normalisation"]["mean"][0] == pytest.approx(train_scaled.mean().item(), abs=1e-7)
@@ -55,9 +59,17 @@ def test_build_makes_a_seeded_model_that_takes_raw_pixels(project, model):
     assert sha256_file(build.INIT) == before
 
 
+def test_a_split_too_small_for_every_class_is_a_data_error(project):
+    with pytest.raises(prepare.DataError, match="cannot split 1797 images stratified"):
+        prepare.run(load(overrides=["prepare.test_fraction=0.004"]))
+    assert not prepare.TENSORS.exists()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_optimizers_are_built_with_their_hyperparameters(project, optimizer):
-    params = load(overrides=[f"train.optimizer={optimizer}", "train.lr=0.02", "train.weight_decay=0.001"])
+def test_optimizers_are_built_with_their_hyperparameters(optimizer):
+    params = load(
+        ROOT / "params.yaml", overrides=[f"train.optimizer={optimizer}", "train.lr=0.02", "train.weight_decay=0.001"]
+    )
     opt = build.build_optimizer(torch.nn.Linear(2, 2), params.train)
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.001
     assert type(opt).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[optimizer]
@@ -94,10 +106,13 @@ def test_curves_have_one_row_per_epoch(project):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
-def test_divergence_stops_with_a_message_and_writes_nothing(project, monkeypatch):
+def test_divergence_stops_with_a_message_and_keeps_the_previous_outputs(project, monkeypatch):
     params = load()
     prepare.run(params)
     build.run(params)
+    train.run(params)
+    outputs = (train.BEST, train.METRICS, train.CURVES, tracking.RUN_FILE)
+    before = {p: sha256_file(p) for p in outputs}
 
     class Diverging(torch.nn.CrossEntropyLoss):
         def forward(self, logits, target):  # what a too-high learning rate ends in
@@ -106,11 +121,10 @@ def test_divergence_stops_with_a_message_and_writes_nothing(project, monkeypatch
     monkeypatch.setattr(train, "build_loss", lambda cfg: Diverging())
     with pytest.raises(train.TrainingError, match=r"train/loss is nan at epoch 1; lower train.lr \(now 0.003\)"):
         train.run(params)
-    assert not train.BEST.exists() and not train.METRICS.exists()
-    from tasks.tracking import client
-
-    runs = client().search_runs([client().get_experiment_by_name("pipeline").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    assert {p: sha256_file(p) for p in outputs} == before
+    c = tracking.client()
+    runs = c.search_runs([c.get_experiment_by_name("pipeline").experiment_id], order_by=["attributes.start_time"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
 
 
 def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatch):
