@@ -10,7 +10,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 git rev-parse --git-dir >/dev/null 2>&1 \
   || { echo "error: $ROOT is not a git repository; DVC needs one: clone the project with git" >&2; exit 1; }
-source scripts/prefect-server.sh
+case " $* " in *" -h "*|*" --help "*) ;; *) source scripts/prefect-server.sh ;; esac
 start=$(date +%s)
 python -m flows.pipeline "$@"
 echo "pipeline wall time: $(( $(date +%s) - start )) s"
