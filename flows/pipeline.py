@@ -5,26 +5,35 @@
     python -m flows.pipeline --force                 # run every step
 
 Each step is a Prefect task named like its DVC stage, calling the same function as
-`dvc repro`, in this one process. Inside a DVC repository the flow asks DVC which stages are
-stale, runs only those, and commits each one it ran to `dvc.lock` and the DVC cache, so a flow
-run is versioned exactly like a `dvc repro` and a `dvc repro` after it has nothing to do.
-Overrides are validated, then written into params.yaml (as `dvc exp run -S` does), so the file
-says what the run uses and DVC judges staleness from the same values.
+`dvc repro`, in this one process. Inside a DVC repository the flow holds DVC's lock on the
+checkout for the whole run (a `dvc repro` started meanwhile is refused, and the flow refuses to
+start beside one), asks DVC which stages are stale, runs only those, and commits each one it ran
+to `dvc.lock` and the DVC cache, so a flow run is versioned exactly like a `dvc repro` and a
+`dvc repro` after it has nothing to do. Overrides are validated, then written into params.yaml
+(as `dvc exp run -S` does), so the file says what the run uses and DVC judges staleness from the
+same values.
 
-Set PREFECT_API_URL to use a running Prefect server (`scripts/pipeline.sh` starts one);
-without it Prefect starts a temporary one for this process.
+The Prefect server is PREFECT_API_URL's, or else the project's local one, started in the
+background the first time and reused after (see `flows/server.py`). Errors are one line and an
+exit code (see `tasks/errors.py`); Ctrl-C exits 130 with the MLflow run marked KILLED.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from tasks import STAGES, run_stage
-from tasks.cli import add_params_arguments, load_or_exit, user_errors
-from tasks.params import PARAMS_FILE, ConfigError, load, write_overrides
+from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
+from tasks.errors import PipelineError
+from tasks.files import pid_alive
+from tasks.params import PARAMS_FILE, ConfigError, check_writable, load, write_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,13 +46,38 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    # Answer --help and reject bad params before the imports below, which take seconds.
+    # Answer --help and reject bad params before the imports below, which take seconds, and point
+    # Prefect at its server before Prefect reads its settings.
+    from flows.server import ensure_server
+
     ARGS = parser().parse_args()
     load_or_exit(ARGS.params, ARGS.overrides)
+    with user_errors():
+        if ARGS.overrides:
+            check_writable(ARGS.params)
+        ensure_server()
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.logging.handlers import PrefectConsoleHandler  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+
+
+class ExpectedErrors(logging.Filter):
+    """Keep Prefect's one-line report of a failed task, drop the traceback when the error is one of ours.
+
+    The message already says what is wrong and what to do; interrupts need no traceback either.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _handler in logging.getLogger().handlers:
+    if isinstance(_handler, PrefectConsoleHandler):
+        _handler.addFilter(ExpectedErrors())
 
 
 def step(stage: str, params_path: str, tags: dict[str, str]) -> dict:
@@ -56,26 +90,49 @@ def step(stage: str, params_path: str, tags: dict[str, str]) -> dict:
 STEP_TASKS = {stage: task(step, name=stage, task_run_name=stage, cache_policy=NO_CACHE) for stage in STAGES}
 
 
-def open_dvc() -> Any:
-    """The DVC repository of the working directory, or None outside one."""
-    if not Path(".dvc").is_dir():
-        return None
-    import logging
+def close_crashed_flow_runs() -> None:
+    """Mark Crashed the flow runs of this checkout that a kill left RUNNING: no process is left to end them.
 
-    from dvc.repo import Repo
+    Each flow run is tagged with its checkout (a hash of host and path) and its process id; a
+    RUNNING one whose process is gone was killed (SIGKILL, out of memory, power).
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
 
-    logging.getLogger("dvc").setLevel(logging.WARNING)  # the flow reports its own commits
-    return Repo(".")
+    checkout = "checkout:" + hashlib.sha256(f"{socket.gethostname()}:{Path.cwd().resolve()}".encode()).hexdigest()[:12]
+    with get_client(sync_client=True) as client:
+        me = client.read_flow_run(flow_run.id)
+        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{os.getpid()}"}))
+        running = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[checkout]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            )
+        )
+        for run in running:
+            pid = next((t.removeprefix("pid:") for t in run.tags if t.startswith("pid:")), "")
+            if run.id == me.id or (pid.isdigit() and pid_alive(int(pid))):
+                continue
+            message = "its process was killed; closed by the next pipeline run in this checkout"
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid}) was killed")
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run the stale steps in order (all of them with `force`); return what each step returned."""
     path = Path(params_path)
-    repo = open_dvc()
     tags = {"orchestrator": "prefect", "prefect.flow_run_id": str(flow_run.id)}
     results: dict[str, Any] = {}
-    try:
+    with checkout_lock() as repo:
+        close_crashed_flow_runs()
         if repo is not None and path.resolve() != (Path(repo.root_dir) / PARAMS_FILE).resolve():
             raise ConfigError(
                 f"--params {path}: in a DVC repository the params are {PARAMS_FILE}, which dvc.lock records; "
@@ -95,9 +152,6 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
             if repo is not None:
                 repo.commit(stage, force=True)
                 print(f"{stage}: committed to dvc.lock")
-    finally:
-        if repo is not None:
-            repo.close()
     return results
 
 
@@ -105,25 +159,30 @@ def summary() -> str:
     """Where the results are, for the end of a run."""
     from tasks.evaluate import METRICS
     from tasks.export import INFO
-    from tasks.tracking import RUN_FILE
+    from tasks.tracking import RUN_FILE, tracking_uri
 
     if not METRICS.exists() or not INFO.exists():
         return "no results yet"
     test = json.loads(METRICS.read_text())["test"]
-    run = json.loads(RUN_FILE.read_text())
+    try:
+        run = json.loads(RUN_FILE.read_text())
+        where = f"MLflow run {run['run_id']} in {run['tracking_uri']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        where = f"MLflow runs in {tracking_uri()}"
     return "\n".join(
         [
             f"test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f}  ({METRICS}; `dvc metrics show`)",
             f"exported model: {INFO.parent}/  (model.ts TorchScript, model.pt2 torch.export, "
             f"model_state.pt state dict; how to apply it: {INFO})",
             "plots: plots/confusion.png, plots/train.csv  (`dvc plots show` writes dvc_plots/index.html)",
-            f"MLflow run {run['run_id']} in {run['tracking_uri']}",
+            where,
             "MLflow UI: bash scripts/mlflow-ui.sh, then open http://127.0.0.1:5000",
         ]
     )
 
 
 def main(args: argparse.Namespace) -> None:
+    stop_on_sigterm()
     with user_errors():
         pipeline(params_path=str(args.params), overrides=args.overrides or None, force=args.force)
     print(summary())

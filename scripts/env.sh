@@ -27,3 +27,5 @@ export DO_NOT_TRACK=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DVC_NO_ANALYTICS=1
+# Loading a model through MLflow never unpickles (MLflow's default allows it; see README, Models in MLflow).
+export MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false

@@ -4,7 +4,9 @@
     python -m tasks train --set train.epochs=5     # with an override (DVC will not know of it)
 
 Params are validated before torch, MLflow or the step's code is imported, so `--help` and a bad
-key answer at once, and a bad key changes no file.
+key answer at once, and a bad key changes no file. Run by hand, a step takes DVC's lock on the
+checkout, so it never runs beside a `dvc repro` or a pipeline flow. Errors are one line and an
+exit code (see `tasks/errors.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import os
 
 from tasks import STAGES, run_stage
-from tasks.cli import add_params_arguments, load_or_exit, user_errors
+from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,10 +31,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     params = load_or_exit(args.params, args.overrides)
-    with user_errors(prefix=f"{args.stage}: "):
-        run_stage(
-            args.stage, params, args.params, tags={"orchestrator": "dvc" if os.environ.get("DVC_STAGE") else "cli"}
-        )
+    stop_on_sigterm()
+    orchestrator = "dvc" if os.environ.get("DVC_STAGE") else "cli"
+    with user_errors(prefix=f"{args.stage}: "), checkout_lock():
+        run_stage(args.stage, params, args.params, tags={"orchestrator": orchestrator})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.files import read_json, require, save_torch, write_json
+from tasks.errors import InputError
+from tasks.files import json_text, load_torch, read_json, save_torch, staged
 from tasks.params import Build, Params, Train
 from tasks.prepare import MANIFEST
 
@@ -85,9 +86,18 @@ def build_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
 
 def load_model(params: Params, weights: Path) -> nn.Sequential:
     """The model of `params` with the weights saved at `weights` (a state dict)."""
-    require(weights, made_by="build" if weights == INIT else "train")
+    made_by = "build" if weights == INIT else "train"
+    state = load_torch(weights, made_by=made_by)
     model = build_model(params.build, read_json(MANIFEST, made_by="prepare"))
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{weights} does not fit the model that params describe (build.model={params.build.model}; {first[:150]}): "
+            f"it was made with other build params; make it again with `dvc repro {made_by}`, "
+            "or do not override build.* for this stage alone"
+        ) from None
     return model
 
 
@@ -103,7 +113,8 @@ def run(params: Params) -> dict:
         "classes": len(manifest["classes"]),
         "architecture": str(model),
     }
-    save_torch(model.state_dict(), INIT)
-    write_json(SUMMARY, summary)
+    with staged(INIT, SUMMARY) as (init, summary_file):
+        save_torch(model.state_dict(), init)
+        summary_file.write_text(json_text(summary))
     print(f"build: {params.build.model} with {n_params:,} parameters")
     return {"init": str(INIT), "summary": str(SUMMARY), "parameters": n_params}

@@ -1,21 +1,25 @@
 """What the two command lines (`python -m tasks`, `python -m flows.pipeline`) share.
 
-Light on purpose: nothing here imports torch, Prefect or MLflow.
+Params arguments, the one-line errors and exit codes of `tasks.errors`, Ctrl-C and SIGTERM as a
+clean stop (exit 130 or 143, the MLflow run marked KILLED), and DVC's lock on the checkout, so
+that a flow, a `dvc repro` and a stage run by hand never work on the same files at once.
+
+Light on purpose: nothing here imports torch, Prefect or MLflow (DVC only when the lock is taken).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from tasks.params import PARAMS_FILE, ConfigError, Params, load
-
-# The steps' own errors: expected failures whose message is written for the user.
-USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "ExportError", "TrackingError")
+from tasks.errors import BusyError, ConfigError, OutputError, PipelineError
+from tasks.params import PARAMS_FILE, Params, load
 
 
 def add_params_arguments(parser: argparse.ArgumentParser, set_help: str) -> None:
@@ -33,17 +37,65 @@ def load_or_exit(path: Path, overrides: list[str]) -> Params:
     try:
         return load(path, overrides)
     except ConfigError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), code=ConfigError.exit_code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: stop cleanly, mark the MLflow run KILLED."""
+
+    signum = signal.SIGTERM
+
+
+def stop_on_sigterm() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager
 def user_errors(prefix: str = "") -> Iterator[None]:
-    """Expected failures end the program with their message, not a traceback."""
+    """Expected failures end the program with their one-line message and exit code, not a traceback."""
     try:
         yield
-    except FileNotFoundError as exc:
-        fail(f"{prefix}{exc}")
-    except Exception as exc:
-        if type(exc).__name__ in USER_ERRORS:
-            fail(f"{prefix}{exc}")
-        raise
+    except PipelineError as exc:
+        fail(f"{prefix}{exc}", exc.exit_code)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        fail(f"{prefix}{name}; the previous outputs are kept and the MLflow run is marked KILLED", 128 + signum)
+    except OSError as exc:
+        if not exc.filename:
+            raise
+        fail(f"{prefix}{exc.filename}: {exc.strerror}", OutputError.exit_code)
+
+
+@contextmanager
+def checkout_lock() -> Iterator[Any]:
+    """Hold DVC's own lock on this checkout for the whole block; yield the DVC repo (None outside one).
+
+    `dvc repro` takes the same lock, so whichever comes second is refused with one line instead
+    of both training on the same files. Inside a stage that `dvc repro` runs (DVC_STAGE is set)
+    DVC already holds it.
+    """
+    if not Path(".dvc").is_dir():
+        yield None
+        return
+    import logging
+
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    with ExitStack() as stack:
+        repo = Repo(".")
+        stack.callback(repo.close)
+        if not os.environ.get("DVC_STAGE"):
+            try:
+                stack.enter_context(lock_repo(repo))
+            except LockError:
+                raise BusyError(
+                    "another process is working in this checkout (a `dvc repro`, a pipeline flow or a stage holds "
+                    "DVC's lock, .dvc/tmp/lock); wait for it to finish, then run again"
+                ) from None
+        yield repo

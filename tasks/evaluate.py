@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 )
 
 from tasks import tracking
-from tasks.files import atomic_path, read_json, write_json, write_text
+from tasks.files import json_text, read_json, staged
 from tasks.params import Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -92,9 +92,10 @@ def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> No
     ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test split)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
 
 
 def run(params: Params) -> dict:
@@ -103,8 +104,8 @@ def run(params: Params) -> dict:
 
     manifest = read_json(MANIFEST, made_by="prepare")
     classes = manifest["classes"]
-    run_id = tracking.current_run_id()
     model = load_model(params, BEST)
+    run_id = tracking.current_run_id(BEST)
     x, y = load_split("test")
     result = evaluate(
         model, x, y, build_loss(params.train), len(classes), torch.device("cpu"), params.evaluate.batch_size
@@ -119,17 +120,19 @@ def run(params: Params) -> dict:
             for c, p, r in zip(classes, result["precision"], result["recall"], strict=True)
         },
     }
-    write_json(METRICS, {"test": test})
-    rows = [f"{classes[a]},{classes[p]}" for a, p in zip(y.tolist(), result["predictions"].tolist(), strict=True)]
-    write_text(CONFUSION_CSV, "actual,predicted\n" + "\n".join(rows) + "\n")
-    confusion_png(result["confusion"], classes, CONFUSION_PNG)
-
     logged = {f"test/{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}
     for c in classes:
         logged[f"test/precision/{c}"] = test["per_class"][c]["precision"]
         logged[f"test/recall/{c}"] = test["per_class"][c]["recall"]
-    tracking.log_metrics(run_id, logged)
-    tracking.log_artifacts(run_id, "plots", [CONFUSION_CSV, CONFUSION_PNG])
-    tracking.log_artifacts(run_id, "metrics", [METRICS])
+    rows = [f"{classes[a]},{classes[p]}" for a, p in zip(y.tolist(), result["predictions"].tolist(), strict=True)]
+
+    # Logged from the staged files, so a store that fails leaves the previous outputs as they were.
+    with staged(METRICS, CONFUSION_CSV, CONFUSION_PNG) as (metrics_file, csv_file, png_file):
+        metrics_file.write_text(json_text({"test": test}))
+        csv_file.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
+        confusion_png(result["confusion"], classes, png_file)
+        tracking.log_metrics(run_id, logged)
+        tracking.log_artifacts(run_id, "plots", [csv_file, png_file])
+        tracking.log_artifacts(run_id, "metrics", [metrics_file])
     print(f"evaluate: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f} on {x.shape[0]} images")
     return {"metrics": str(METRICS), "accuracy": test["accuracy"], "f1_macro": test["f1_macro"]}

@@ -2,27 +2,45 @@
 
     python -m tasks export           # or: dvc repro export
 
-Each file is loaded back in a fresh Python process that has only torch (`python -I`, run from an
-empty folder, so the project's model code cannot be imported) and must reproduce the eager
-model's outputs on the test split within `export.atol`, or the stage fails and nothing is
-logged. `models/export/model.json` tells a user how to apply the model to raw input (class names,
-input shape and dtype; the normalisation is inside the model). The TorchScript model is logged to
-the pipeline's MLflow run as an MLflow model with a signature and an input example.
+Each file is loaded back in a fresh Python process that has only torch (`python -I`, run from
+the file system root, so the project's model code cannot be imported) and must reproduce the
+eager model's outputs on the test split within `export.atol`, or the stage fails and nothing is
+logged or replaced. `models/export/model.json` tells a user how to apply the model to raw input
+(class names, input shape and dtype; the normalisation is inside the model).
+
+The files' bytes depend only on the weights and the code: the source paths that TorchScript and
+`torch.export` record are made relative to the project or to site-packages, and TorchScript's
+constants are emitted in a fixed order. So a fresh clone's first run reproduces `dvc.lock`.
+
+Two MLflow models are logged to the pipeline's run, both loadable without unpickling anything:
+`model`, the `torch.export` program in MLflow's `pt2` format (`mlflow.pytorch.load_model`), and
+`torchscript`, the TorchScript file behind a pyfunc logged as code (`tasks/mlflow_torchscript.py`,
+`mlflow.pyfunc.load_model`). Their files' hashes are run tags, and `tasks.tracking` sets
+`MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`, so a pickle planted in the artifact store is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import json
+import os
+import re
+import site
 import subprocess
 import sys
-import tempfile
+import sysconfig
+import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from tasks import tracking
-from tasks.files import atomic_path, read_json, sha256_file, write_json
+from tasks.errors import ExportError
+from tasks.files import json_text, read_json, sha256_file, staged
 from tasks.params import Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -31,14 +49,15 @@ STATE = OUT_DIR / "model_state.pt"
 TORCHSCRIPT = OUT_DIR / "model.ts"
 EXPORTED = OUT_DIR / "model.pt2"
 INFO = OUT_DIR / "model.json"
+PYFUNC_CODE = Path(__file__).with_name("mlflow_torchscript.py")
 
-# Runs in the fresh process: torch only, no project code.
+# Runs in the fresh process: torch only, no project code; the inputs arrive on stdin (no temp file).
 CHECK = """
-import json, sys, warnings
+import io, json, sys, warnings
 import torch
 warnings.filterwarnings("ignore", category=FutureWarning)  # TorchScript deprecation
-x, expected = torch.load(sys.argv[1], weights_only=True).values()
-models = {"torchscript": torch.jit.load(sys.argv[2]), "torch_export": torch.export.load(sys.argv[3]).module()}
+x, expected = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=True).values()
+models = {"torchscript": torch.jit.load(sys.argv[1]), "torch_export": torch.export.load(sys.argv[2]).module()}
 out = {}
 with torch.no_grad():
     for name, model in models.items():
@@ -50,58 +69,141 @@ print(json.dumps(out))
 # torch 2.14 deprecates TorchScript in favour of torch.export; users still ask for it, so both are
 # made, and the warning on every jit call (MLflow's included) says nothing new.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+# The pyfunc takes an array, as its signature says: MLflow's advice to add type hints is noise.
+# (Its message starts with a colour code, hence the leading `.*`.)
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive", category=UserWarning)
 
 
-class ExportError(Exception):
-    """An exported file does not reproduce the eager model."""
+def _path_prefixes() -> list[str]:
+    """Folders whose absolute paths differ between machines and clones: the project and the Pythons'."""
+    paths = {str(Path.cwd().resolve()), str(Path(__file__).resolve().parents[1])}
+    paths.update(site.getsitepackages())
+    paths.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    # Longest first: site-packages inside the project's .venv must win over the project root.
+    return sorted((p.rstrip(os.sep) + os.sep for p in paths if p), key=len, reverse=True)
+
+
+def portable(text: str, prefixes: list[str]) -> str:
+    """`text` with every absolute project or library path made relative (`tasks/build.py`, `torch/nn/...`)."""
+    pattern = "|".join(re.escape(p) for p in prefixes)
+    return re.sub(pattern, "", text) if pattern else text
+
+
+@contextlib.contextmanager
+def reproducible_scripting() -> Iterator[None]:
+    """Make `torch.jit.script` output depend only on the code, not on the folder or the process.
+
+    TorchScript records each function's source file (an absolute path) and collects module
+    constants in a set, whose order changes with Python's per-process hash seed; both end up in
+    the archive. Here the file names are made relative and the set iterates in sorted order.
+    """
+    import torch._sources as sources
+    import torch.jit._recursive as recursive
+
+    prefixes = _path_prefixes()
+
+    class SortedSet(set):
+        def __iter__(self):  # type: ignore[override]
+            return iter(sorted(set.__iter__(self), key=str))
+
+    real = sources.inspect
+    shim = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    shim.getsourcefile = lambda obj: portable(real.getsourcefile(obj) or "", prefixes) or None
+    sources.inspect, recursive.set = shim, SortedSet
+    try:
+        yield
+    finally:
+        sources.inspect = inspect
+        del recursive.set
+
+
+def reproducible_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Make the stack traces that `torch.export` keeps on each node independent of the folder."""
+    prefixes = _path_prefixes()
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                if isinstance(node.meta.get("stack_trace"), str):
+                    node.meta["stack_trace"] = portable(node.meta["stack_trace"], prefixes)
+    return program
 
 
 def check_in_fresh_process(x: torch.Tensor, expected: torch.Tensor, ts: Path, pt2: Path) -> dict[str, float]:
     """Largest absolute difference from the eager outputs, per export format."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "inputs.pt"
-        torch.save({"x": x, "expected": expected}, data)
+    data = io.BytesIO()
+    torch.save({"x": x, "expected": expected}, data)
+    try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-c", CHECK, str(data), str(ts.resolve()), str(pt2.resolve())],
-            cwd=tmp,
+            [sys.executable, "-I", "-c", CHECK, str(ts.resolve()), str(pt2.resolve())],
+            cwd=Path(os.sep),
+            input=data.getvalue(),
             capture_output=True,
-            text=True,
             timeout=600,
         )
+    except subprocess.TimeoutExpired:
+        raise ExportError("loading the exported model in a fresh process took over 600 s") from None
     if proc.returncode != 0:
-        raise ExportError(f"loading the exported model in a fresh process failed:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise ExportError(f"loading the exported model in a fresh process failed: {last}")
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
-def log_to_mlflow(run_id: str, scripted: torch.jit.ScriptModule, example: torch.Tensor, files: list[Path]) -> str:
+def log_to_mlflow(
+    run_id: str, model: torch.nn.Module, example: torch.Tensor, ts: Path, files: list[Path], hashes: dict
+) -> dict[str, str]:
+    """Log the `pt2` and TorchScript models and the export files; return the models' URIs."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with torch.no_grad():
-        output = scripted(example).numpy()
-    # Created here, in the run's experiment: left to itself, log_model files a model logged
-    # without an active run under the default experiment, where `runs:/<id>/model` misses it.
+        output = model(example).numpy()
+    signature = infer_signature(example.numpy(), output)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # explicit: inferring them takes seconds
     client = tracking.client()
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name="model", source_run_id=run_id, params=run.data.params
-    )
-    info = mlflow.pytorch.log_model(
-        scripted,
-        name="model",
-        run_id=run_id,
-        model_id=logged.model_id,
-        # The default "pt2" format refuses a ScriptModule (MLflow 3.14+).
-        serialization_format="pickle",
-        signature=infer_signature(example.numpy(), output),
-        input_example=example.numpy(),
-        # Explicit, so MLflow does not spend seconds inferring them.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    uris = {}
+    with tracking.store():
+        run = client.get_run(run_id)
+        # Created here, in the run's experiment: left to itself, log_model files a model logged
+        # without an active run under the default experiment, where `runs:/<id>/model` misses it.
+        for name in ("model", "torchscript"):
+            logged = client.create_logged_model(
+                experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+            )
+            if name == "model":
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    serialization_format="pt2",  # a torch.export program: no pickled module
+                    signature=signature,
+                    input_example=example.numpy(),  # a batch of 5 keeps the batch size dynamic
+                    pip_requirements=requirements,
+                )
+            else:
+                # log_model puts its own "show UserWarnings once" filter ahead of ours: catch them here.
+                with warnings.catch_warnings(record=True) as caught:
+                    info = mlflow.pyfunc.log_model(
+                        name=name,
+                        model_id=logged.model_id,
+                        python_model=str(PYFUNC_CODE),  # models-from-code: the code is a file, not a pickle
+                        artifacts={"torchscript": str(ts)},
+                        model_config={"sha256": hashes["torchscript"]},
+                        signature=signature,
+                        input_example=example.numpy(),
+                        pip_requirements=[*requirements, "numpy"],
+                    )
+                for w in caught:
+                    if "Add type hints to the `predict` method" not in str(w.message):
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            uris[name] = info.model_uri
     tracking.log_artifacts(run_id, "export", files)
-    return info.model_uri
+    tracking.set_tags(run_id, {f"export.sha256.{k}": v for k, v in hashes.items()})
+    return uris
 
 
 def run(params: Params) -> dict:
@@ -109,18 +211,20 @@ def run(params: Params) -> dict:
     from tasks.train import BEST
 
     manifest = read_json(MANIFEST, made_by="prepare")
-    run_id = tracking.current_run_id()
     model = load_model(params, BEST).eval()
+    run_id = tracking.current_run_id(BEST)
     x = load_split("test")[0].float()
     with torch.no_grad():
         expected = model(x)
 
-    scripted = torch.jit.script(model)
+    with reproducible_scripting():
+        scripted = torch.jit.script(model)
     program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    program = reproducible_program(program)
 
-    # Everything is written beside its final name and checked there; only a model that passes
-    # replaces the previous export, so a failed check leaves the old files as they were.
-    with atomic_path(STATE) as state, atomic_path(TORCHSCRIPT) as ts, atomic_path(EXPORTED) as pt2:
+    # Everything is written beside its final name, checked and logged there; only a model that
+    # passes, and whose logging succeeded, replaces the previous export.
+    with staged(STATE, TORCHSCRIPT, EXPORTED, INFO) as (state, ts, pt2, info_file):
         # Open files, not paths, so that the temporary name does not end up inside the archive.
         with open(state, "wb") as f:
             torch.save(model.state_dict(), f)
@@ -134,39 +238,32 @@ def run(params: Params) -> dict:
             raise ExportError(
                 f"exported model differs from the eager model by {bad} (export.atol is {params.export.atol})"
             )
-
-    info = {
-        "classes": manifest["classes"],
-        "input": {
-            "shape": ["batch", *manifest["input_shape"]],
-            "dtype": "float32",
-            "range": [0, manifest["max_value"]],
-            "layout": "raw pixel values, NCHW; do not normalise: the model's first layer does",
-        },
-        "normalisation": manifest["normalisation"],
-        "output": "logits, one per class; argmax gives the index into classes",
-        "files": {
-            "state_dict": {
-                "path": STATE.name,
-                "load": "torch.load(path, weights_only=True)",
-                "sha256": sha256_file(STATE),
+        hashes = {"state_dict": sha256_file(state), "torchscript": sha256_file(ts), "torch_export": sha256_file(pt2)}
+        info = {
+            "classes": manifest["classes"],
+            "input": {
+                "shape": ["batch", *manifest["input_shape"]],
+                "dtype": "float32",
+                "range": [0, manifest["max_value"]],
+                "layout": "raw pixel values, NCHW; do not normalise: the model's first layer does",
             },
-            "torchscript": {
-                "path": TORCHSCRIPT.name,
-                "load": "torch.jit.load(path)",
-                "sha256": sha256_file(TORCHSCRIPT),
+            "normalisation": manifest["normalisation"],
+            "output": "logits, one per class; argmax gives the index into classes",
+            "files": {
+                "state_dict": {"path": STATE.name, "load": "torch.load(path, weights_only=True)"},
+                "torchscript": {"path": TORCHSCRIPT.name, "load": "torch.jit.load(path)"},
+                "torch_export": {"path": EXPORTED.name, "load": "torch.export.load(path).module()"},
             },
-            "torch_export": {
-                "path": EXPORTED.name,
-                "load": "torch.export.load(path).module()",
-                "sha256": sha256_file(EXPORTED),
-            },
-        },
-        "check": {"atol": params.export.atol, "max_abs_diff": diffs, "images": x.shape[0]},
-        "mlflow_run_id": run_id,
-        "torch": torch.__version__,
-    }
-    write_json(INFO, info)
-    uri = log_to_mlflow(run_id, scripted, x[:5], [EXPORTED, INFO])
-    print(f"export: {TORCHSCRIPT}, {EXPORTED}, {STATE}; max |diff| {max(diffs.values()):.2e}; MLflow model {uri}")
-    return {"torchscript": str(TORCHSCRIPT), "torch_export": str(EXPORTED), "model_uri": uri}
+            "sha256": hashes,
+            "check": {"atol": params.export.atol, "max_abs_diff": diffs, "images": x.shape[0]},
+            # The MLflow run is found by the trained weights' hash, not named here: a run id differs per run.
+            "mlflow_run_tag": {tracking.MODEL_TAG: sha256_file(BEST)},
+            "torch": torch.__version__,
+        }
+        info_file.write_text(json_text(info))
+        uris = log_to_mlflow(run_id, model, x[:5], ts, [pt2, info_file], hashes)
+    print(
+        f"export: {TORCHSCRIPT}, {EXPORTED}, {STATE}; max |diff| {max(diffs.values()):.2e}; "
+        f"MLflow models {uris['model']} (pt2), {uris['torchscript']} (TorchScript pyfunc)"
+    )
+    return {"torchscript": str(TORCHSCRIPT), "torch_export": str(EXPORTED), "model_uri": uris["model"]}

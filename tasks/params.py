@@ -11,21 +11,23 @@ from __future__ import annotations
 import copy
 import difflib
 import io
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
 
-
-class ConfigError(Exception):
-    """A problem with params.yaml or an override; its message is meant for the user as-is."""
+__all__ = ["PARAMS_FILE", "ConfigError", "Params", "load", "write_overrides"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No hidden defaults, no infinities: what params.yaml says is what runs, and `.inf` is not a rate.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -59,6 +61,8 @@ class Train(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0001
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     select_metric: Literal["val/accuracy", "val/loss"] = "val/accuracy"
+    divergence_factor: Annotated[float, Field(gt=1)] = 10.0
+    chance_epochs: Annotated[int, Field(ge=0)] = 3
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -80,16 +84,18 @@ class Params(Section):
 
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.003, ...}`: the names MLflow and `--set` use."""
+        return _flatten(self.model_dump())
 
-        def walk(prefix: str, value: Any) -> dict[str, Any]:
-            if isinstance(value, dict):
-                out: dict[str, Any] = {}
-                for key, sub in value.items():
-                    out.update(walk(f"{prefix}.{key}" if prefix else key, sub))
-                return out
-            return {prefix: value}
 
-        return walk("", self.model_dump())
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -114,14 +120,23 @@ def _describe(error: dict[str, Any], source: str) -> str:
     return f"{source}: {path}: got {error['input']!r}; {msg[0].lower()}{msg[1:]}"
 
 
+def _yaml() -> Any:
+    """The parser DVC reads params.yaml with (ruamel, YAML 1.2, duplicate keys refused), so both agree."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"train.lr=0.01"` -> `(["train", "lr"], 0.01)`; the value is read as YAML."""
+    from ruamel.yaml import YAMLError
+
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example --set train.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+        value = _yaml().load(raw) if raw.strip() else raw
+    except YAMLError:
         value = raw
     return key.strip().split("."), value
 
@@ -145,26 +160,72 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_raw(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    from ruamel.yaml import YAMLError
+    from ruamel.yaml.constructor import DuplicateKeyError
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (run from the project root, or pass --params PATH)") from None
-    except yaml.YAMLError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = _yaml().load(text)
+    except DuplicateKeyError as exc:
+        # DVC refuses such a file too: which of the two values would it mean?
+        key = str(exc.problem).split('"')[1] if '"' in str(exc.problem) else "?"
+        raise ConfigError(
+            f"{path}: line {exc.problem_mark.line + 1}: duplicate key '{key}'; keep one of the two values"
+        ) from None
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{path}: the file is empty; it must hold seed and the sections {', '.join(_sections())} "
+            "(restore it with `git checkout params.yaml`)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (prepare:, build:, ...), got {type(data).__name__}")
     return data
 
 
+def _sections() -> list[str]:
+    return [name for name, field in Params.model_fields.items() if isinstance(field.default, BaseModel)]
+
+
+def _missing(data: dict[str, Any], source: str) -> str | None:
+    """Keys the file leaves out: each must be written down, as DVC records only what the file says."""
+    defaults = Params().model_dump()
+    missing = []
+    for name, default in defaults.items():
+        if name not in data:
+            missing.append(
+                f"{name}: missing section" if isinstance(default, dict) else f"{name}: missing (default {default!r})"
+            )
+        elif isinstance(default, dict) and isinstance(data[name], dict):
+            missing += [f"{name}.{k}: missing (default {v!r})" for k, v in default.items() if k not in data[name]]
+    if not missing:
+        return None
+    more = f"; and {len(missing) - 4} more" if len(missing) > 4 else ""
+    return (
+        f"{source}: "
+        + "; ".join(missing[:4])
+        + more
+        + "; write every key down (the project's params.yaml lists them all)"
+    )
+
+
 def validate(data: dict[str, Any], source: str = str(PARAMS_FILE)) -> Params:
     try:
-        return Params.model_validate(data)
+        params = Params.model_validate(data)
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(e, source) for e in exc.errors())) from None
+    problem = _missing(data, source)
+    if problem:
+        raise ConfigError(problem)
+    return params
 
 
 def load(path: Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
@@ -173,21 +234,36 @@ def load(path: Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params
     return validate(apply_overrides(raw, overrides or []), source=str(path))
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, rather than replace, a file its owner marked read-only (a rename would ignore the mark)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise ConfigError(
+            f"{path}: the file is read-only, and --set writes the overrides into it; "
+            f"make it writable (chmod u+w {path}) or run without --set"
+        )
+
+
 def write_overrides(path: Path, overrides: list[str]) -> Params:
     """Validate overrides, then write them into the params file with its comments kept.
 
     As `dvc exp run -S` does: the file then says what the next run uses, and `dvc repro` and the
     flow agree on what is stale. What is written is the validated value (`1e-3` becomes the
-    number 0.001, not the string YAML 1.1 reads). Returns the validated params.
+    number 0.001). A read-only file is refused, not replaced. Returns the validated params.
     """
     from ruamel.yaml import YAML
 
     from tasks.files import write_text
 
+    path = Path(path)
     params = load(path, overrides)
+    check_writable(path)
     validated = params.model_dump()
     rt = YAML()
-    doc = rt.load(Path(path).read_text())
+    doc = rt.load(path.read_text())
     for text in overrides:
         keys, _ = parse_override(text)
         value = validated
@@ -196,5 +272,8 @@ def write_overrides(path: Path, overrides: list[str]) -> Params:
         _set(doc, keys, value, text)
     buf = io.StringIO()
     rt.dump(doc, buf)
-    write_text(path, buf.getvalue())
+    try:
+        write_text(path, buf.getvalue())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the overrides into it ({exc.strerror or exc})") from None
     return params

@@ -19,17 +19,14 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from tasks.files import require, save_torch, write_json
+from tasks.errors import DataError, InputError
+from tasks.files import json_text, load_torch, save_torch, staged
 from tasks.params import Params
 
 OUT_DIR = Path("data/prepared")
 TENSORS = OUT_DIR / "splits.pt"
 MANIFEST = OUT_DIR / "manifest.json"
 SPLITS = ("train", "val", "test")
-
-
-class DataError(Exception):
-    """The input data is unusable; the message says what is wrong."""
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -112,13 +109,19 @@ def run(params: Params) -> dict:
         "sizes": {name: int(parts[name].shape[0]) for name in SPLITS},
         "sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
     }
-    save_torch(tensors, TENSORS)
-    write_json(MANIFEST, manifest)
+    with staged(TENSORS, MANIFEST) as (tensors_file, manifest_file):
+        save_torch(tensors, tensors_file)
+        manifest_file.write_text(json_text(manifest))
     print(f"prepare: {manifest['sizes']} images of shape {manifest['input_shape']}, {len(classes)} classes")
     return {"tensors": str(TENSORS), "manifest": str(MANIFEST), "sizes": manifest["sizes"]}
 
 
 def load_split(name: str, path: Path = TENSORS) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, C, H, W), labels int64 (N,)) of one split."""
-    tensors = torch.load(require(path, made_by="prepare"), weights_only=True)
-    return tensors[f"{name}_x"], tensors[f"{name}_y"]
+    tensors = load_torch(path, made_by="prepare")
+    try:
+        return tensors[f"{name}_x"], tensors[f"{name}_y"]
+    except (KeyError, TypeError):
+        raise InputError(
+            f"{path} has no '{name}' split: it was not made by this project's prepare; make it again with `dvc repro`"
+        ) from None

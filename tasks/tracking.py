@@ -1,23 +1,33 @@
 """One MLflow run per pipeline run, addressed by its id, never by MLflow's thread-local active run.
 
 `train` opens the run (params, lineage tags, the manifest and params file) and logs one point
-per epoch; `evaluate` and `export` add the test metrics, the plots and the model to the same
-run, whose id they read from `models/train/run.json`. So a `dvc repro` (one process per stage)
-and a Prefect flow (one process, tasks on worker threads) make the same single run.
+per epoch; `evaluate` and `export` add the test metrics, the plots and the models to the same
+run. They find it from the model they work on: `train` tags the run with the sha256 of
+`models/train/best.pt` and notes the run id in `models/train/run.json`, a local pointer that is
+not a DVC output (a run id differs on every run by nature, and must not make `dvc.lock` differ).
+So a `dvc repro` (one process per stage) and a Prefect flow (one process) make the same single run.
 
-The store is `MLFLOW_TRACKING_URI`, by default `sqlite:///mlflow.db` in the project root.
+Failures of the store become one-line `TrackingError`s. A run left RUNNING by a killed process
+is closed as KILLED by the next `train` in the same checkout (its tags name the host, the
+checkout and the process id). The store is `MLFLOW_TRACKING_URI`, by default `sqlite:///mlflow.db`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.files import read_json
+from tasks.errors import TrackingError
+from tasks.files import pid_alive, sha256_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -26,18 +36,88 @@ RUN_FILE = Path("models/train/run.json")
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "pipeline"
 PIPELINE_WRITES = ("dvc.lock", "metrics", "plots")
+MODEL_TAG = "train.best_sha256"
+RETRAIN = "dvc repro --force --downstream train"
 
 # Offline by default; a user who wants telemetry sets these variables themselves.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Refuse pickle when loading models through MLflow: a model file planted in the artifact store must
+# not run code on whoever loads it (MLflow's default is to allow it).
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+# A progress bar per artifact download, in a log, says nothing.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's SQL store logs each failure with a traceback before raising it; `store()` reports the
+# raised error in one line, so the log adds only noise (as do its "Creating tables" notes).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost message of a store failure, on one line."""
+    while True:
+        inner = getattr(exc, "orig", None) or exc.__cause__
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0][:200]
+
+
+@contextmanager
+def store() -> Iterator[None]:
+    """Turn failures of the tracking store into one TrackingError naming the store."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        reason = _reason(exc)
+        hint = "make the file and its folder writable" if "readonly" in reason else "check the store"
+        raise TrackingError(
+            f"MLflow store {tracking_uri()}: {reason}; {hint}, or point MLFLOW_TRACKING_URI at another store"
+        ) from None
+
+
+def check_store(must_exist: bool) -> None:
+    """Fail fast, with one line, when the store is gone or its server does not answer.
+
+    An unreachable tracking server would otherwise be retried for minutes; a deleted SQLite file
+    would be silently recreated empty.
+    """
+    uri = tracking_uri()
+    db = _sqlite_path(uri)
+    if db is not None and must_exist and not db.exists():
+        raise TrackingError(
+            f"MLflow store {uri} does not exist ({db} was deleted or moved?), so the run of the current model "
+            f"is not there; train again to log a new run: {RETRAIN}"
+        )
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} does not answer ({getattr(exc, 'reason', exc)}); start it, "
+                f"or unset MLFLOW_TRACKING_URI to log to {DEFAULT_URI}"
+            ) from None
+
+
 def client() -> MlflowClient:
-    return _client(tracking_uri())
+    with store():
+        return _client(tracking_uri())
 
 
 @functools.cache
@@ -67,17 +147,58 @@ def git_tags() -> dict[str, str]:
     }
 
 
+def process_tags() -> dict[str, str]:
+    """Which process on which machine holds the run open: what finds runs left RUNNING by a kill."""
+    return {
+        "pipeline.host": socket.gethostname(),
+        "pipeline.checkout": str(Path.cwd().resolve()),
+        "pipeline.pid": str(os.getpid()),
+    }
+
+
+def _experiment_id() -> str:
+    c = client()
+    name = experiment_name()
+    with store():
+        experiment = c.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else c.create_experiment(name)
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this checkout left RUNNING by a process that no longer exists."""
+    c = client()
+    me = process_tags()
+    checkout = me["pipeline.checkout"].replace("'", "\\'")
+    with store():
+        running = c.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`pipeline.checkout` = '{checkout}'"
+        )
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get("pipeline.pid", "")
+        if tags.get("pipeline.host") != me["pipeline.host"] or (pid.isdigit() and pid_alive(int(pid))):
+            continue
+        with store():
+            c.set_tag(run.info.run_id, "pipeline.closed", "left RUNNING by a killed process; closed by the next run")
+            c.set_terminated(run.info.run_id, "KILLED")
+        print(f"closed MLflow run {run.info.run_id} as KILLED: its process ({pid}) was killed without ending it")
+        closed.append(run.info.run_id)
+    return closed
+
+
 def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create the run with its params and tags; return its id."""
     from mlflow.entities import Param
 
+    check_store(must_exist=False)
     c = client()
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    experiment = c.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(name)
-    run = c.create_run(experiment_id, tags={**git_tags(), **tags})
-    run_id = run.info.run_id
-    c.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat_params.items()])
+    experiment_id = _experiment_id()
+    close_abandoned_runs(experiment_id)
+    with store():
+        run = c.create_run(experiment_id, tags={**git_tags(), **process_tags(), **tags})
+        run_id = run.info.run_id
+        c.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat_params.items()])
     return run_id
 
 
@@ -85,29 +206,105 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    with store():
+        client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    with store():
+        client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:
     c = client()
-    for path in paths:
-        c.log_artifact(run_id, str(path), folder)
+    with store():
+        for path in paths:
+            c.log_artifact(run_id, str(path), folder)
 
 
-def end_run(run_id: str, ok: bool) -> None:
-    client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+def end_run(run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED (interrupted)."""
+    with store():
+        client().set_terminated(run_id, status)
 
 
-class TrackingError(Exception):
-    """The MLflow run to log to cannot be used; the message says why."""
+def carry_over(run_id: str, model_sha256: str) -> str | None:
+    """Give this run the test metrics and models of the latest earlier run that trained the very same weights.
 
+    When training reproduces the previous weights byte for byte, DVC rightly finds evaluate and
+    export up to date and skips them; without this, the new run would show no test results.
+    Returns the earlier run's id, or None when there is none with results.
+    """
+    from mlflow.entities import LoggedModelOutput, Metric
 
-def current_run_id() -> str:
-    """The run that `train` opened for the model the later stages work on."""
-    run = read_json(RUN_FILE, made_by="train")
-    if run["tracking_uri"] != tracking_uri():
-        raise TrackingError(
-            f"the model in {RUN_FILE.parent} was logged to {run['tracking_uri']}, but MLFLOW_TRACKING_URI is "
-            f"{tracking_uri()}: use the same store, or run 'train' again (dvc repro --force train)"
+    c = client()
+    with store():
+        earlier = c.search_runs(
+            [_experiment_id()],
+            filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}'",
+            order_by=["attributes.start_time DESC"],
         )
-    return run["run_id"]
+        done = [r for r in earlier if r.info.run_id != run_id and any(k.startswith("test/") for k in r.data.metrics)]
+        if not done:
+            return None
+        source = done[0]
+        now = int(time.time() * 1000)
+        tests = [Metric(k, v, now, 0) for k, v in source.data.metrics.items() if k.startswith("test/")]
+        c.log_batch(run_id, metrics=tests)
+        models = source.outputs.model_outputs if source.outputs else []
+        if models:
+            c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=m.step) for m in models])
+    set_tags(run_id, {"pipeline.same_model_as": source.info.run_id})
+    return source.info.run_id
+
+
+def note_run(run_id: str, model_sha256: str) -> None:
+    """Note locally which run trained the model with this hash (the run carries the same hash as a tag)."""
+    from tasks.files import json_text, write_text
+
+    write_text(RUN_FILE, json_text({"run_id": run_id, "tracking_uri": tracking_uri(), "best_sha256": model_sha256}))
+
+
+def _noted() -> dict[str, str]:
+    try:
+        noted = json.loads(RUN_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return noted if isinstance(noted, dict) else {}
+
+
+def current_run_id(model: Path) -> str:
+    """The run that trained `model`: from the local note when it matches, else by the model's hash tag."""
+    check_store(must_exist=True)
+    digest = sha256_file(model)
+    noted = _noted()
+    c = client()
+    if noted.get("best_sha256") == digest and noted.get("tracking_uri") == tracking_uri():
+        with store():
+            try:
+                run = c.get_run(str(noted.get("run_id")))
+            except Exception as exc:
+                if "RESOURCE_DOES_NOT_EXIST" not in repr(getattr(exc, "error_code", "")) + str(exc):
+                    raise
+                run = None
+        if run is not None:
+            return run.info.run_id
+    with store():
+        experiments = [e.experiment_id for e in c.search_experiments()]
+        found = c.search_runs(
+            experiments, filter_string=f"tags.`{MODEL_TAG}` = '{digest}'", order_by=["attributes.start_time DESC"]
+        )
+    if found:
+        return found[0].info.run_id
+    elsewhere = noted.get("tracking_uri")
+    if elsewhere and elsewhere != tracking_uri():
+        raise TrackingError(
+            f"the model in {model.parent} was logged to {elsewhere}, but MLFLOW_TRACKING_URI is {tracking_uri()}: "
+            f"use the same store, or train again: {RETRAIN}"
+        )
+    raise TrackingError(
+        f"no MLflow run in {tracking_uri()} trained {model} (sha256 {digest[:12]}; the run was deleted, or the "
+        f"store is another one); train again to log a new run: {RETRAIN}"
+    )

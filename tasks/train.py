@@ -7,6 +7,13 @@ Per epoch: `model.train()`, shuffled batches through `zero_grad` / forward / los
 `tasks.evaluate.evaluate`). The weights of the epoch with the best `train.select_metric` are
 kept in `models/train/best.pt`. Runs on CPU, or on CUDA when present (`train.device: auto`).
 
+A quality gate stops a run that is going nowhere, with one line naming the epoch, the value and
+the param most likely at fault, before it can replace a good model: a train loss above
+`train.divergence_factor` times the untrained model's loss (or not finite), or, from epoch
+`train.chance_epochs` on, a selection metric no better than chance. Outputs are written only
+after training and its MLflow logging succeeded, so a stopped, failed or killed run leaves the
+previous ones as they were; Ctrl-C marks the MLflow run KILLED.
+
 Same seed, same params, same machine: byte-identical weights. The seed fixes the initial
 weights (from `build`), the shuffling (a dedicated generator) and dropout, and
 `torch.use_deterministic_algorithms` rules out nondeterministic kernels.
@@ -14,6 +21,7 @@ weights (from `build`), the shuffling (a dedicated generator) and dropout, and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -23,8 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tasks import tracking
 from tasks.build import INIT, build_loss, build_optimizer, load_model
+from tasks.errors import PipelineError, TrainingError
 from tasks.evaluate import evaluate
-from tasks.files import read_json, require, save_torch, sha256_file, write_json, write_text
+from tasks.files import json_text, read_json, require, save_torch, sha256_file, staged
 from tasks.params import PARAMS_FILE, Params
 from tasks.prepare import MANIFEST, TENSORS, load_split
 
@@ -34,9 +43,7 @@ METRICS = Path("metrics/train.json")
 CURVES = Path("plots/train.csv")
 CURVE_KEYS = ("train/loss", "val/loss", "val/accuracy")
 
-
-class TrainingError(Exception):
-    """Training cannot go on; the message says why and what to change."""
+__all__ = ["BEST", "CURVES", "METRICS", "TrainingError", "fit", "run"]
 
 
 def pick_device(choice: str) -> torch.device:
@@ -53,6 +60,46 @@ def better(metric: str, value: float, best: float | None) -> bool:
     return value > best if metric.endswith("accuracy") else value < best
 
 
+def chance_level(metric: str, val_y: torch.Tensor, n_classes: int) -> float:
+    """What a model that learned nothing scores: always the most common class, or uniform probabilities."""
+    if metric.endswith("accuracy"):
+        return torch.bincount(val_y, minlength=n_classes).max().item() / val_y.numel()
+    return math.log(n_classes)  # cross-entropy of uniform predictions, with or without label smoothing
+
+
+def at_chance(metric: str, value: float, chance: float) -> bool:
+    return value <= chance + 1e-9 if metric.endswith("accuracy") else value >= chance - 1e-9
+
+
+def suspect(params: Params, first_loss: float, last_loss: float, n_classes: int) -> str:
+    """The param most likely at fault when training goes nowhere, with what to do about it."""
+    cfg = params.train
+    if not math.isfinite(first_loss):
+        return (
+            f"the untrained model's loss is already {first_loss}, before any step: look for non-finite values "
+            "in the data (stage 'prepare') or the initial weights (stage 'build')"
+        )
+    shrink = cfg.lr * cfg.weight_decay
+    if shrink >= 0.1:
+        return (
+            f"most likely train.weight_decay (now {cfg.weight_decay:g}): with train.lr {cfg.lr:g} it pulls the "
+            f"weights {shrink:.3g} of the way to zero every step; lower it"
+        )
+    lower_lr = f"most likely train.lr (now {cfg.lr:g}): lower it, e.g. --set train.lr={cfg.lr / 10:g}"
+    guessing = math.log(n_classes)  # the loss of a model that learned nothing
+    if not math.isfinite(last_loss) or last_loss > 1.5 * max(first_loss, guessing):
+        return lower_lr
+    if last_loss >= 0.8 * guessing:  # the loss stayed where guessing puts it: nothing was learned
+        if cfg.label_smoothing >= 0.8:
+            return f"most likely train.label_smoothing (now {cfg.label_smoothing:g}): lower it"
+        if params.build.dropout >= 0.8:
+            return f"most likely build.dropout (now {params.build.dropout:g}): lower it"
+        if cfg.lr < 1e-4:
+            return f"most likely train.lr (now {cfg.lr:g}), too small: raise it, e.g. --set train.lr={cfg.lr * 10:g}"
+        return lower_lr
+    return "the model fits the train split but not val: check the data and its labels (stage 'prepare')"
+
+
 def fit(params: Params, run_id: str) -> dict:
     cfg = params.train
     device = pick_device(cfg.device)
@@ -64,6 +111,7 @@ def fit(params: Params, run_id: str) -> dict:
     n_classes = len(read_json(MANIFEST, made_by="prepare")["classes"])
     train_x, train_y = load_split("train")
     val_x, val_y = load_split("val")
+    chance = chance_level(cfg.select_metric, val_y, n_classes)
     # Convert once: the loader then only slices ready float tensors.
     loader = DataLoader(
         TensorDataset(train_x.float(), train_y),
@@ -80,6 +128,7 @@ def fit(params: Params, run_id: str) -> dict:
     best_value: float | None = None
     best_epoch = 0
     best_state: dict[str, torch.Tensor] = {}
+    first_loss: float | None = None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         total = torch.zeros((), device=device)
@@ -87,12 +136,12 @@ def fit(params: Params, run_id: str) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
+            if first_loss is None:  # the untrained model's loss: what divergence is measured against
+                first_loss = loss.item()
             loss.backward()
             optimizer.step()
             total += loss.detach() * y.shape[0]
         train_loss = total.item() / len(loader.dataset)
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"train/loss is {train_loss} at epoch {epoch}; lower train.lr (now {cfg.lr})")
 
         val = evaluate(model, val_x, val_y, loss_fn, n_classes, device, batch_size=params.evaluate.batch_size)
         row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"]}
@@ -107,33 +156,82 @@ def fit(params: Params, run_id: str) -> dict:
             f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  "
             f"val/loss {val['loss']:.4f}  val/accuracy {val['accuracy']:.4f}{marker}"
         )
+        gate(params, epoch, first_loss, train_loss, value, chance, n_classes)
     return {"history": history, "best_epoch": best_epoch, "best_state": best_state, "device": str(device)}
+
+
+def gate(params: Params, epoch: int, first_loss: float, train_loss: float, value: float, chance: float, n_classes: int):
+    """Stop a run that diverges or stays at chance, naming the epoch, the value and the likely culprit."""
+    cfg = params.train
+    if not math.isfinite(train_loss):
+        problem = f"training diverged at epoch {epoch}: train/loss is {train_loss}"
+    elif train_loss > cfg.divergence_factor * first_loss:
+        problem = (
+            f"training diverged at epoch {epoch}: train/loss {train_loss:.4g} is {train_loss / first_loss:.3g}x "
+            f"the untrained model's {first_loss:.4g} (limit: train.divergence_factor {cfg.divergence_factor:g})"
+        )
+    elif cfg.chance_epochs and epoch >= cfg.chance_epochs and at_chance(cfg.select_metric, value, chance):
+        accuracy = cfg.select_metric.endswith("accuracy")
+        baseline = "always predicting the most common class" if accuracy else "uniform guessing"
+        problem = (
+            f"training is stuck at chance at epoch {epoch}: {cfg.select_metric} {value:.4f}, no better than "
+            f"{baseline} ({chance:.4f}; checked from epoch train.chance_epochs = {cfg.chance_epochs})"
+        )
+    else:
+        return
+    raise TrainingError(f"{problem}; {suspect(params, first_loss, train_loss, n_classes)}")
 
 
 def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = PARAMS_FILE) -> dict:
     data_hash = sha256_file(require(TENSORS, made_by="prepare"))
     run_id = tracking.start_run(params.flat(), tags={"data.sha256": data_hash, **(tags or {})})
+    status = "FAILED"
     try:
         tracking.log_artifacts(run_id, "data", [MANIFEST])
         tracking.log_artifacts(run_id, "params", [params_path])
         result = fit(params, run_id)
         best = result["history"][result["best_epoch"] - 1]
-        save_torch(result["best_state"], BEST)
-        write_json(
-            METRICS,
-            {"best_epoch": result["best_epoch"], "val": {"loss": best["val/loss"], "accuracy": best["val/accuracy"]}},
-        )
+        metrics = {
+            "best_epoch": result["best_epoch"],
+            "val": {"loss": best["val/loss"], "accuracy": best["val/accuracy"]},
+        }
         lines = ["epoch," + ",".join(CURVE_KEYS)]
         lines += [f"{h['epoch']}," + ",".join(f"{h[k]:.6f}" for k in CURVE_KEYS) for h in result["history"]]
-        write_text(CURVES, "\n".join(lines) + "\n")
-        # Last: the later stages find the run through this file.
-        write_json(tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": tracking.tracking_uri()})
-        tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
-        tracking.log_artifacts(run_id, "plots", [CURVES])
-    except BaseException:
-        tracking.end_run(run_id, ok=False)
+        # Everything that can fail, MLflow included, happens before the outputs replace the old ones.
+        with staged(BEST, METRICS, CURVES) as (best_tmp, metrics_tmp, curves_tmp):
+            save_torch(result["best_state"], best_tmp)
+            metrics_tmp.write_text(json_text(metrics))
+            curves_tmp.write_text("\n".join(lines) + "\n")
+            digest = sha256_file(best_tmp)
+            tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
+            tracking.log_artifacts(run_id, "plots", [curves_tmp])
+            tracking.set_tags(run_id, {tracking.MODEL_TAG: digest})
+            same = BEST.exists() and sha256_file(BEST) == digest
+            if same and (earlier := tracking.carry_over(run_id, digest)):
+                print(
+                    f"train: the same weights as MLflow run {earlier}, so evaluate and export are up to date; "
+                    "its test metrics and models are linked to this run"
+                )
+            tracking.end_run(run_id, "FINISHED")
+        status = "FINISHED"  # only now: a failed rename above turns the run FAILED again
+        tracking.note_run(run_id, digest)
+    except PipelineError as exc:
+        _quietly(tracking.set_tags, run_id, {"pipeline.error": str(exc)[:5000]})
         raise
-    tracking.end_run(run_id, ok=True)
+    except Exception:
+        raise
+    except BaseException:  # stopped from outside: Ctrl-C, SIGTERM (Prefect's TerminationSignal too)
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            _quietly(tracking.end_run, run_id, status)
     metric = params.train.select_metric
     print(f"train: best epoch {result['best_epoch']} on {result['device']}, {metric} {best[metric]:.4f}")
     return {"best": str(BEST), "run_id": run_id, "best_epoch": result["best_epoch"]}
+
+
+def _quietly(fn, *args) -> None:
+    """Record a failure in MLflow if the store allows it; the failure itself is what the user must see."""
+    with contextlib.suppress(PipelineError):
+        fn(*args)

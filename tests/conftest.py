@@ -6,17 +6,39 @@ project root), with its own MLflow store, so the real project folder is never to
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+# Every file a stage writes: what a failure must leave byte-identical.
+OUTPUTS = [
+    "data/prepared/splits.pt",
+    "data/prepared/manifest.json",
+    "models/build/init.pt",
+    "models/build/summary.json",
+    "models/train/best.pt",
+    "metrics/train.json",
+    "plots/train.csv",
+    "metrics/evaluate.json",
+    "plots/confusion.csv",
+    "plots/confusion.png",
+    "models/export/model_state.pt",
+    "models/export/model.ts",
+    "models/export/model.pt2",
+    "models/export/model.json",
+]
 
 # Offline and isolated: no telemetry, no Prefect state in the user's home.
 os.environ.update(
@@ -75,3 +97,106 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
+    """Each existing output's sha256, inode and modification time: unchanged means not rewritten at all."""
+    out = {}
+    for name in OUTPUTS:
+        path = root / name
+        if path.exists():
+            st = path.stat()
+            out[name] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def leftovers(root: Path) -> list[str]:
+    """Staging folders or temporary files left anywhere in the project."""
+    skip = {".git", ".dvc", "mlruns"}
+    found = []
+    for path in root.rglob("*"):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        if path.name.endswith(".tmp") or ".tmp." in path.name:
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+def python(*args: str, cwd: Path, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGS` with this interpreter, as a user runs an entry point."""
+    return sh(sys.executable, *args, cwd=cwd, env=env, check=check)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line an entry point prints for an expected failure (and nothing like a traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def start(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `python ARGS` in the background, with Ctrl-C working even if this process ignores it."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> list[str]:
+    """Read the process's output until a line contains `text`; return the lines read."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    proc.kill()
+    pytest.fail(f"{text!r} not seen; output:\n{''.join(seen)}")
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """Make a file unwritable even for root (chattr +i); skip where the file system does not allow it."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project that has run every step once (3 epochs), with its MLflow store beside it."""
+    from tasks import STAGES, run_stage
+    from tasks.params import load
+
+    tmp = tmp_path_factory.mktemp("trained")
+    path = make_project(tmp / "project", {"epochs: 30": "epochs: 3"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(path)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        params = load()
+        for stage in STAGES:
+            run_stage(stage, params, Path("params.yaml"), tags={"orchestrator": "cli"})
+    return tmp
+
+
+@pytest.fixture
+def trained(trained_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the trained project and its MLflow store, as the working directory."""
+    shutil.copytree(trained_template / "project", tmp_path / "project", symlinks=True)
+    shutil.copy2(trained_template / "mlflow.db", tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path / "project"

@@ -7,6 +7,7 @@ made, then changes (a bad key, a new epoch count) and what DVC re-runs for them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -154,21 +155,129 @@ def test_misspelt_key_fails_with_one_line_and_keeps_outputs(repo):
     assert "up to date" in dvc("status", cwd=path).stdout
 
 
-def test_changing_epochs_reruns_train_and_after_only(repo):
+def test_a_diverging_learning_rate_fails_the_repro_and_keeps_the_good_model(repo):
+    path, _ = repo
+    before = {out: sha256_file(path / out) for out in OUTPUTS}
+    lock = (path / "dvc.lock").read_text()
+    set_param(path, "lr: 0.003", "lr: 10")
+    try:
+        failed = dvc("repro", cwd=path, check=False)
+    finally:
+        set_param(path, "lr: 10", "lr: 0.003")
+    assert failed.returncode != 0
+    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: train: training diverged at epoch 1: train/loss ")
+    assert line.endswith("most likely train.lr (now 10): lower it, e.g. --set train.lr=1")
+    assert "exited with 5" in failed.stderr  # the stage's exit code, as DVC reports it
+    assert {out: sha256_file(path / out) for out in OUTPUTS} == before
+    assert (path / "dvc.lock").read_text() == lock
+
+
+PLANT = textwrap.dedent(
+    """
+    import os, pickle, re, shutil, sys, zipfile, hashlib
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + sys.argv[3],))
+
+    src, dst, marker, kind = sys.argv[1:5]
+    shutil.copytree(src, dst)
+    if kind == "pt2":  # swap the pickled sample inputs inside the torch.export archive
+        archive = os.path.join(dst, "data", "model.pt2")
+        with zipfile.ZipFile(archive) as z:
+            items = [(i, z.read(i.filename)) for i in z.infolist()]
+        with zipfile.ZipFile(archive, "w") as z:
+            for info, data in items:
+                z.writestr(info, pickle.dumps(Payload()) if info.filename.endswith("sample_inputs/model.pt") else data)
+    else:  # replace the TorchScript file, and the hash that guards it, as a writer of the store could
+        ts = os.path.join(dst, "artifacts", "model.ts")
+        with open(ts, "wb") as f:
+            f.write(pickle.dumps(Payload()))
+        mlmodel = os.path.join(dst, "MLmodel")
+        text = open(mlmodel).read()
+        digest = hashlib.sha256(open(ts, "rb").read()).hexdigest()
+        open(mlmodel, "w").write(re.sub(r"sha256: \\w+", "sha256: " + digest, text))
+    """
+)
+LOAD = textwrap.dedent(
+    """
+    import sys
+    import tasks.tracking  # the project's defaults, as in every pipeline process
+    import mlflow
+    try:
+        (mlflow.pytorch if sys.argv[2] == "pt2" else mlflow.pyfunc).load_model(sys.argv[1])
+        print("loaded")
+    except Exception as exc:
+        print("refused:", str(exc).splitlines()[0])
+    """
+)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("model", "pt2"), ("torchscript", "pyfunc")])
+def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_path, name, kind):
+    path, _ = repo
+    import mlflow
+
+    _, runs = mlflow_runs(path)
+    mlflow.set_tracking_uri(tracking_uri())
+    original = mlflow.artifacts.download_artifacts(f"runs:/{runs[0].info.run_id}/{name}", dst_path=str(tmp_path / "dl"))
+    marker = tmp_path / "payload-ran"
+    sh(sys.executable, "-c", PLANT, original, tmp_path / "planted", marker, kind, cwd=tmp_path)
+
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    env.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+    loaded = sh(sys.executable, "-c", LOAD, tmp_path / "planted", kind, cwd=path, env=env)
+    assert loaded.stdout.startswith("refused:") and not marker.exists()
+    # The untouched model still loads under the same settings.
+    assert sh(sys.executable, "-c", LOAD, original, kind, cwd=path, env=env).stdout.strip() == "loaded"
+    if kind == "pt2":  # the control: with MLflow's default (pickle allowed), the same copy runs the payload
+        sh(
+            sys.executable,
+            "-c",
+            LOAD,
+            tmp_path / "planted",
+            kind,
+            cwd=path,
+            env={**env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
+        )
+        assert marker.exists()
+
+
+def test_changing_the_learning_rate_reruns_train_and_after_only(repo):
     path, _ = repo
     sh("git", "add", "-A", cwd=path)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=path)
-    set_param(path, "epochs: 30", "epochs: 31")
+    set_param(path, "lr: 0.003", "lr: 0.004")
     out = dvc("repro", cwd=path).stdout
     assert "Stage 'prepare' didn't change" in out and "Stage 'build' didn't change" in out
     for stage in ("train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     diff = dvc("params", "diff", cwd=path).stdout
-    assert "train.epochs" in diff and "30" in diff and "31" in diff
+    assert "train.lr" in diff and "0.003" in diff and "0.004" in diff
     assert "metrics/train.json" in dvc("metrics", "diff", "--all", cwd=path).stdout
     _, runs = mlflow_runs(path)
-    assert len(runs) == 2 and runs[1].data.params["train.epochs"] == "31"
-    assert runs[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 2 and finished[1].data.params["train.lr"] == "0.004"
+    assert "test/accuracy" in finished[1].data.metrics
+    assert finished[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
+
+
+def test_more_epochs_that_keep_the_same_best_weights_link_the_earlier_results(repo):
+    """Same weights, so DVC skips evaluate and export; the new MLflow run still shows the test results."""
+    path, _ = repo
+    best_epoch = json.loads((path / "metrics/train.json").read_text())["best_epoch"]
+    assert best_epoch < 30  # what makes a 31st epoch unable to change the kept weights
+    set_param(path, "epochs: 30", "epochs: 31")
+    out = dvc("repro", cwd=path).stdout
+    assert "Running stage 'train'" in out
+    assert "Stage 'evaluate' didn't change" in out and "Stage 'export' didn't change" in out
+    c, runs = mlflow_runs(path)
+    earlier, new = runs[-2], runs[-1]
+    assert new.data.params["train.epochs"] == "31" and new.data.tags["pipeline.same_model_as"] == earlier.info.run_id
+    assert new.data.metrics["test/accuracy"] == earlier.data.metrics["test/accuracy"]
+    assert {m.model_id for m in new.outputs.model_outputs} == {m.model_id for m in earlier.outputs.model_outputs}
+    assert f"the same weights as MLflow run {earlier.info.run_id}" in out
 
 
 def test_no_telemetry_is_configured():

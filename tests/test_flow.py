@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
 
 from tasks import STAGES
 from tasks.params import ConfigError
-from tests.conftest import dvc, sh
+from tests.conftest import dvc, one_line_error, sh, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,102 @@ def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: params.yaml: train.lr: got 0; input should be greater than 0"
     assert "lr: 0.003" in (project / "params.yaml").read_text()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flow_run_states(port: str) -> list[str]:
+    """The state of each flow run on the local server, oldest first, read through its REST API."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/flow_runs/filter",
+        data=json.dumps({"sort": "START_TIME_ASC"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [run["state_type"] for run in json.load(response)]
+
+
+def mlflow_runs(status: str | None = None) -> list:
+    from tasks.tracking import client
+
+    c = client()
+    found = c.search_runs([c.get_experiment_by_name("pipeline").experiment_id], order_by=["attributes.start_time"])
+    return [r for r in found if status is None or r.info.status == status]
+
+
+def test_the_flow_holds_the_checkout_and_ctrl_c_stops_it_cleanly(prefect_api, project):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    flow = start("-m", "flows.pipeline", "--set", "train.epochs=500", cwd=project, env=env)
+    wait_for(flow, "epoch   2/500")
+
+    # While the flow trains, neither `dvc repro` nor a stage by hand may touch the same files.
+    repro = dvc("repro", cwd=project, check=False)
+    assert repro.returncode != 0 and "Unable to acquire lock" in repro.stderr
+    by_hand = sh(sys.executable, "-m", "tasks", "train", cwd=project, check=False)
+    assert by_hand.returncode == 8 and "another process is working in this checkout" in one_line_error(by_hand)
+
+    flow.send_signal(signal.SIGINT)
+    out, _ = flow.communicate(timeout=120)
+    assert flow.returncode == 130
+    assert out.strip().splitlines()[-1] == (
+        "error: interrupted (Ctrl-C); the previous outputs are kept and the MLflow run is marked KILLED"
+    )
+    assert "Traceback" not in out
+    (run,) = mlflow_runs()
+    assert run.info.status == "KILLED"
+    assert not (project / "models/train/best.pt").exists()  # train never finished: no half a model
+
+
+def test_the_flow_is_refused_with_one_line_when_dvc_holds_the_checkout(prefect_api, project):
+    from dvc.repo import Repo
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    repo = Repo(str(project))
+    with repo.lock:
+        proc = sh(sys.executable, "-m", "flows.pipeline", cwd=project, env=env, check=False)
+    repo.close()
+    assert proc.returncode == 8
+    assert one_line_error(proc) == (
+        "error: another process is working in this checkout (a `dvc repro`, a pipeline flow or a stage holds "
+        "DVC's lock, .dvc/tmp/lock); wait for it to finish, then run again"
+    )
+    assert not (project / "data/prepared/splits.pt").exists()
+    assert not (project / "mlflow.db").exists() and not list(project.parent.glob("mlflow.db"))
+
+
+def test_a_killed_flow_leaves_no_server_behind_and_its_run_is_closed_next_time(project, tmp_path):
+    """Without PREFECT_API_URL the flow uses one long-lived local server: a kill strands nothing new."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    env.update({"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port())})
+    try:
+        flow = start("-m", "flows.pipeline", "--set", "train.epochs=500", cwd=project, env=env)
+        started = wait_for(flow, "epoch   2/500")
+        assert any("starting a local Prefect server" in line for line in started)
+        server_pid = (home / "server.pid").read_text()
+        flow.kill()
+        flow.wait()
+        (orphan,) = mlflow_runs("RUNNING")
+
+        again = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=3", cwd=project, env=env)
+        out = again.stdout + again.stderr
+        assert "starting a local Prefect server" not in out  # reused, not a second one
+        assert (home / "server.pid").read_text() == server_pid
+        assert f"closed MLflow run {orphan.info.run_id} as KILLED" in out
+        assert [r.info.status for r in mlflow_runs()] == ["KILLED", "FINISHED"]
+        # The Prefect flow run that the kill left RUNNING is closed too.
+        assert "Crashed: its process" in out
+        assert flow_run_states(env["PREFECT_PORT"]) == ["CRASHED", "COMPLETED"]
+    finally:
+        stop = sh(sys.executable, "-m", "flows.server", "--stop", cwd=project, env=env, check=False)
+    assert stop.returncode == 0
+    assert not (home / "server.pid").exists()

@@ -19,6 +19,15 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def full(tmp_path: Path, edits: dict[str, str] | None = None) -> Path:
+    """The project's params.yaml with some lines' text replaced, as a user would edit it."""
+    text = (ROOT / "params.yaml").read_text()
+    for old, new in (edits or {}).items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    return write(tmp_path, text)
+
+
 def error_of(path: Path, overrides: list[str] | None = None) -> str:
     with pytest.raises(ConfigError) as exc:
         load(path, overrides)
@@ -35,7 +44,7 @@ def test_the_project_params_file_is_valid_and_spells_out_every_default():
 
 
 def test_misspelt_key_is_named_with_a_suggestion(tmp_path):
-    message = error_of(write(tmp_path, "train:\n  epocs: 3\n"))
+    message = error_of(full(tmp_path, {"  epochs: 30": "  epocs: 30"}))
     assert message == f"{tmp_path / 'params.yaml'}: train.epocs: unknown key (did you mean 'epochs'?)"
 
 
@@ -67,31 +76,75 @@ def test_not_yaml_gives_the_line(tmp_path):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    path = write(tmp_path, "train:\n  epochs: 3\n")
+    path = full(tmp_path)
     params = load(path, ["train.lr=0.01", "build.channels=[8, 16]", "build.model=mlp"])
     assert params.train.lr == 0.01 and params.build.channels == [8, 16] and params.build.model == "mlp"
     assert "train.lrr: unknown key (did you mean 'lr'?)" in error_of(path, ["train.lrr=0.1"])
     assert "expected KEY=VALUE" in error_of(path, ["train.lr"])
+    # Read as YAML 1.2, as DVC reads them: 1e-3 is a number, not the string YAML 1.1 makes of it.
+    assert load(path, ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_duplicate_key_is_an_error_as_in_dvc(tmp_path):
+    path = full(tmp_path, {"  lr: 0.003": "  lr: 0.003\n  lr: 0.5"})
+    message = error_of(path)
+    assert message.endswith("duplicate key 'lr'; keep one of the two values")
+    assert "line 24" in message
+
+
+def test_empty_file_is_an_error_not_the_built_in_defaults(tmp_path):
+    message = error_of(write(tmp_path, "# nothing here\n"))
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: the file is empty")
+    assert "prepare, build, train, evaluate, export" in message
+
+
+def test_missing_keys_are_named_with_their_defaults(tmp_path):
+    message = error_of(full(tmp_path, {"  dropout: 0.1\n": "", "evaluate:\n  batch_size: 512\n": ""}))
+    assert "build.dropout: missing (default 0.1)" in message and "evaluate: missing section" in message
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_infinite_or_nan_values_are_refused(tmp_path, value):
+    message = error_of(full(tmp_path), [f"train.weight_decay={value}"])
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: train.weight_decay: got")
+    assert "finite number" in message
 
 
 def test_write_overrides_keeps_comments_and_writes_validated_values(tmp_path):
-    path = write(tmp_path, "seed: 1  # the seed\ntrain:\n  epochs: 3   # few\n  lr: 0.1\n")
-    write_overrides(path, ["train.lr=1e-3", "build.model=mlp"])  # YAML 1.1 reads 1e-3 as a string
-    assert path.read_text() == "seed: 1  # the seed\ntrain:\n  epochs: 3   # few\n  lr: 0.001\nbuild:\n  model: mlp\n"
-    assert load(path).train.lr == 0.001
+    path = full(tmp_path)
+    before = path.read_text()
+    write_overrides(path, ["train.lr=1e-2", "build.model=mlp", "train.epochs=5.0"])
+    after = path.read_text()
+    expected = before.replace("  lr: 0.003", "  lr: 0.01").replace("model: cnn", "model: mlp")
+    assert after == expected.replace("epochs: 30", "epochs: 5")  # comments kept, the validated int written
+    assert load(path).train.lr == 0.01 and load(path).train.epochs == 5
 
 
 def test_write_overrides_writes_nothing_when_invalid(tmp_path):
-    path = write(tmp_path, "train:\n  lr: 0.1\n")
+    path = full(tmp_path)
+    before = path.read_text()
     with pytest.raises(ConfigError, match="train.lr: got -1"):
         write_overrides(path, ["train.lr=-1"])
-    assert path.read_text() == "train:\n  lr: 0.1\n"
+    assert path.read_text() == before
+
+
+def test_write_overrides_refuses_a_read_only_file_instead_of_replacing_it(tmp_path):
+    path = full(tmp_path)
+    before = path.read_text()
+    path.chmod(0o444)
+    with pytest.raises(ConfigError) as exc:
+        write_overrides(path, ["train.lr=0.01"])
+    assert str(exc.value) == (
+        f"{path}: the file is read-only, and --set writes the overrides into it; "
+        f"make it writable (chmod u+w {path}) or run without --set"
+    )
+    assert path.read_text() == before and (path.stat().st_mode & 0o777) == 0o444
 
 
 @pytest.mark.parametrize("entry", [["-m", "tasks", "train"], ["-m", "flows.pipeline"]])
 def test_entry_points_reject_a_bad_key_without_importing_heavy_libraries(tmp_path, entry):
     """Exit code 2, one line on stderr, no file written, and torch/Prefect/MLflow never imported."""
-    write(tmp_path, "train:\n  epochs: 3\n")
+    full(tmp_path)
     probe = (
         "import runpy, sys, atexit\n"
         "atexit.register(lambda: print(sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules))))\n"
