@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 from tasks import STAGES, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 from tasks.errors import PipelineError
-from tasks.files import pid_alive
+from tasks.files import process_alive, process_id
 from tasks.params import PARAMS_FILE, ConfigError, check_writable, load, write_overrides
 
 
@@ -109,7 +108,7 @@ def close_crashed_flow_runs() -> None:
     checkout = "checkout:" + hashlib.sha256(f"{socket.gethostname()}:{Path.cwd().resolve()}".encode()).hexdigest()[:12]
     with get_client(sync_client=True) as client:
         me = client.read_flow_run(flow_run.id)
-        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{os.getpid()}"}))
+        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{process_id()}"}))
         running = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[checkout]),
@@ -118,11 +117,11 @@ def close_crashed_flow_runs() -> None:
         )
         for run in running:
             pid = next((t.removeprefix("pid:") for t in run.tags if t.startswith("pid:")), "")
-            if run.id == me.id or (pid.isdigit() and pid_alive(int(pid))):
+            if run.id == me.id or (pid and process_alive(pid)):
                 continue
             message = "its process was killed; closed by the next pipeline run in this checkout"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid}) was killed")
+            print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid.split('-')[0]}) was killed")
 
 
 @flow(name="pipeline", log_prints=True)

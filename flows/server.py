@@ -1,12 +1,15 @@
-"""The Prefect server a flow run talks to: the one in PREFECT_API_URL, or the project's local one.
+"""The Prefect server a flow run talks to: the configured one, or the project's local one.
 
     python -m flows.server           # start the local server if it is not up; print its URL
     python -m flows.server --stop    # stop it
 
-Without PREFECT_API_URL, `python -m flows.pipeline` uses a long-lived local server (state in
-`.prefect/`, UI on http://127.0.0.1:4200), starting it in the background the first time. Prefect's
-alternative, a temporary server per process, costs 9-14 s on every run, keeps no history for the
-UI, and outlives a flow process that is killed; one reused server has none of these problems.
+A server is configured by PREFECT_API_URL, in the environment or in the active Prefect profile
+(`prefect config set PREFECT_API_URL=...`). Without one, `python -m flows.pipeline` uses a
+long-lived local server (state in `.prefect/`, UI on http://127.0.0.1:4200, `PREFECT_PORT` to
+change), started in the background the first time, in a session of its own so that Ctrl-C on
+the flow or a closed terminal does not stop it. Prefect's alternative, a temporary server per
+process, costs 9-14 s on every run, keeps no history for the UI, and outlives a flow process
+that is killed; one reused server has none of these problems.
 
 Light on purpose: this runs before Prefect is imported, so PREFECT_API_URL is set in time.
 """
@@ -18,11 +21,12 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 from tasks.errors import ServerError
-from tasks.files import pid_alive
+from tasks.files import process_alive
 
 STARTUP_SECONDS = 120
 
@@ -43,22 +47,65 @@ def local_url() -> str:
     return f"http://127.0.0.1:{os.environ.get('PREFECT_PORT', '4200')}/api"
 
 
+def configured_url() -> str | None:
+    """PREFECT_API_URL from the environment, or else from the active Prefect profile."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
+    url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return url if isinstance(url, str) and url else None
+
+
 def _prefect(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop("PREFECT_API_URL", None)
-    exe = Path(sys.executable).with_name("prefect")
-    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=STARTUP_SECONDS)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_SECONDS,
+            start_new_session=True,  # the server it starts must not share the flow's Ctrl-C or terminal
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"`prefect {' '.join(args)}` did not return within {STARTUP_SECONDS} s; see {home}") from None
+
+
+def _stale_pid_file(pid_file: Path) -> bool:
+    """A pid file whose server is gone: its process died (or its pid now belongs to something else)."""
+    try:
+        text = pid_file.read_text().strip()
+        age = time.time() - pid_file.stat().st_mtime
+    except OSError:
+        return False
+    if not text:
+        return age > 10  # Prefect writes the pid right after creating the file
+    if not text.isdigit() or not process_alive(text):
+        return True
+    try:
+        return b"prefect" not in Path(f"/proc/{text}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def ensure_server() -> str:
-    """The API URL to use, with PREFECT_API_URL (and PREFECT_HOME) set for this process."""
-    url = os.environ.get("PREFECT_API_URL")
+    """The API URL to use, with PREFECT_API_URL (and, for the local server, PREFECT_HOME) set for this process."""
+    url = configured_url()
     if url:
         if not healthy(url):
             raise ServerError(
-                f"the Prefect server at PREFECT_API_URL={url} does not answer; start it, or unset "
-                "PREFECT_API_URL to use the project's local server"
+                f"the Prefect server at PREFECT_API_URL={url} does not answer; start it, or unset PREFECT_API_URL "
+                "(environment or Prefect profile) to use the project's local server"
             )
+        os.environ["PREFECT_API_URL"] = url
         return url
     home, url = local_home(), local_url()
     os.environ["PREFECT_HOME"], os.environ["PREFECT_API_URL"] = str(home), url
@@ -68,25 +115,36 @@ def ensure_server() -> str:
     print(f"starting a local Prefect server on http://127.0.0.1:{port} (state in {home})", file=sys.stderr)
     home.mkdir(parents=True, exist_ok=True)
     pid_file = home / "server.pid"
-    stale = pid_file.read_text().strip() if pid_file.exists() else ""
-    if stale and not (stale.isdigit() and pid_alive(int(stale))):
+    if _stale_pid_file(pid_file):
         pid_file.unlink(missing_ok=True)  # left by a server that was killed; Prefect would refuse to start
     started = _prefect(
         "server", "start", "--host", "127.0.0.1", "--port", port, "--analytics-off", "--background", home=home
     )
     said = (started.stderr.strip() or started.stdout.strip()).splitlines()
-    if started.returncode != 0 and not any("already running" in line for line in said):
+    already = any("already running" in line for line in said)
+    if started.returncode != 0 and not already:
+        if any("already in use" in line for line in said):
+            raise ServerError(f"port {port} is taken by another program; choose a free one with PREFECT_PORT=<port>")
         raise ServerError(f"cannot start a local Prefect server on port {port}: {said[-1] if said else 'no output'}")
-    deadline = time.monotonic() + STARTUP_SECONDS
+    # Another process may be starting it at this moment; if none is, Prefect's pid file is wrong.
+    deadline = time.monotonic() + (20 if already else STARTUP_SECONDS)
     while time.monotonic() < deadline:
         if healthy(url):
             return url
         time.sleep(0.5)
+    if already:
+        raise ServerError(
+            f"Prefect says a server is running from {home}, but none answers on {url}: stop it with "
+            f"`python -m flows.server --stop`, or remove {pid_file}, and run again"
+        )
     raise ServerError(f"the local Prefect server did not answer on {url} within {STARTUP_SECONDS} s; see {home}")
 
 
 def stop_server() -> None:
     home = local_home()
+    pid_file = home / "server.pid"
+    if _stale_pid_file(pid_file):  # never signal a process that merely inherited the pid
+        pid_file.unlink(missing_ok=True)
     proc = _prefect("server", "stop", home=home)
     said = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
     print(said[-1] if said else f"stopped the Prefect server of {home}")

@@ -63,11 +63,14 @@ def user_errors(prefix: str = "") -> Iterator[None]:
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         name = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-        fail(f"{prefix}{name}; the previous outputs are kept and the MLflow run is marked KILLED", 128 + signum)
+        tracking = sys.modules.get("tasks.tracking")  # imported only if a step got as far as MLflow
+        killed = getattr(tracking, "KILLED_RUNS", [])
+        marked = f"; MLflow run {', '.join(killed)} marked KILLED" if killed else ""
+        fail(f"{prefix}{name}: the running step left its previous outputs as they were{marked}", 128 + signum)
     except OSError as exc:
         if not exc.filename:
             raise
-        fail(f"{prefix}{exc.filename}: {exc.strerror}", OutputError.exit_code)
+        fail(f"{prefix}cannot read or write {exc.filename}: {exc.strerror}", OutputError.exit_code)
 
 
 @contextmanager

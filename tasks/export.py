@@ -22,7 +22,6 @@ Two MLflow models are logged to the pipeline's run, both loadable without unpick
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import threading
 import types
 import warnings
 from collections.abc import Iterator
@@ -40,7 +40,7 @@ import torch
 
 from tasks import tracking
 from tasks.errors import ExportError
-from tasks.files import json_text, read_json, sha256_file, staged
+from tasks.files import json_text, read_json, save_torch, sha256_file, staged, write_serialized
 from tasks.params import Params
 from tasks.prepare import MANIFEST, load_split
 
@@ -77,11 +77,12 @@ warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive",
 
 def _path_prefixes() -> list[str]:
     """Folders whose absolute paths differ between machines and clones: the project and the Pythons'."""
-    paths = {str(Path.cwd().resolve()), str(Path(__file__).resolve().parents[1])}
+    paths = {str(Path.cwd().resolve()), str(Path(__file__).resolve().parents[1]), site.getusersitepackages()}
     paths.update(site.getsitepackages())
     paths.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
     # Longest first: site-packages inside the project's .venv must win over the project root.
-    return sorted((p.rstrip(os.sep) + os.sep for p in paths if p), key=len, reverse=True)
+    prefixes = {p.rstrip(os.sep) + os.sep for p in paths if p and p.rstrip(os.sep)}  # never the root itself
+    return sorted(prefixes, key=len, reverse=True)
 
 
 def portable(text: str, prefixes: list[str]) -> str:
@@ -90,13 +91,19 @@ def portable(text: str, prefixes: list[str]) -> str:
     return re.sub(pattern, "", text) if pattern else text
 
 
+_SCRIPTING = threading.Lock()
+
+
 @contextlib.contextmanager
 def reproducible_scripting() -> Iterator[None]:
     """Make `torch.jit.script` output depend only on the code, not on the folder or the process.
 
     TorchScript records each function's source file (an absolute path) and collects module
     constants in a set, whose order changes with Python's per-process hash seed; both end up in
-    the archive. Here the file names are made relative and the set iterates in sorted order.
+    the archive. Here the file names are made relative and the set iterates in sorted order, by
+    swapping two module globals of torch's TorchScript frontend for the duration (one thread at a
+    time). `absolute_paths` checks the result: code that TorchScript compiled earlier in the same
+    process, outside this block, is reused from its cache with its absolute paths.
     """
     import torch._sources as sources
     import torch.jit._recursive as recursive
@@ -107,15 +114,35 @@ def reproducible_scripting() -> Iterator[None]:
         def __iter__(self):  # type: ignore[override]
             return iter(sorted(set.__iter__(self), key=str))
 
-    real = sources.inspect
-    shim = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
-    shim.getsourcefile = lambda obj: portable(real.getsourcefile(obj) or "", prefixes) or None
-    sources.inspect, recursive.set = shim, SortedSet
-    try:
-        yield
-    finally:
-        sources.inspect = inspect
-        del recursive.set
+    with _SCRIPTING:
+        real = sources.inspect
+        shim = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+        shim.getsourcefile = lambda obj: portable(real.getsourcefile(obj) or "", prefixes) or None
+        had_set = "set" in vars(recursive)
+        old_set = vars(recursive).get("set")
+        sources.inspect, recursive.set = shim, SortedSet
+        try:
+            yield
+        finally:
+            sources.inspect = real
+            if had_set:
+                recursive.set = old_set
+            else:
+                del recursive.set
+
+
+def absolute_paths(archive: Path, prefixes: list[str]) -> list[str]:
+    """The machine-specific paths left in an archive's code and metadata (tensor data is not searched)."""
+    import zipfile
+
+    found = set()
+    with zipfile.ZipFile(archive) as z:
+        for name in z.namelist():
+            if "/data/" in name and not name.endswith((".json", ".pkl")):
+                continue  # raw tensor bytes: any match there would be chance
+            text = z.read(name)
+            found.update(p for p in prefixes if p.encode() in text)
+    return sorted(found)
 
 
 def reproducible_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -152,11 +179,17 @@ def check_in_fresh_process(x: torch.Tensor, expected: torch.Tensor, ts: Path, pt
 def log_to_mlflow(
     run_id: str, model: torch.nn.Module, example: torch.Tensor, ts: Path, files: list[Path], hashes: dict
 ) -> dict[str, str]:
-    """Log the `pt2` and TorchScript models and the export files; return the models' URIs."""
+    """Log the export files, then the `pt2` and TorchScript models; return the models' URIs.
+
+    The models come last, and a model whose logging fails is marked FAILED, so a failed export
+    never leaves a READY model behind on the run.
+    """
     import mlflow
-    from mlflow.entities import LoggedModelOutput
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import infer_signature
 
+    tracking.log_artifacts(run_id, "export", files)
+    tracking.set_tags(run_id, {f"export.sha256.{k}": v for k, v in hashes.items()})
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with torch.no_grad():
         output = model(example).numpy()
@@ -164,45 +197,51 @@ def log_to_mlflow(
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # explicit: inferring them takes seconds
     client = tracking.client()
     uris = {}
+    created: list[str] = []
     with tracking.store():
         run = client.get_run(run_id)
-        # Created here, in the run's experiment: left to itself, log_model files a model logged
-        # without an active run under the default experiment, where `runs:/<id>/model` misses it.
-        for name in ("model", "torchscript"):
-            logged = client.create_logged_model(
-                experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
-            )
-            if name == "model":
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    run_id=run_id,
-                    model_id=logged.model_id,
-                    serialization_format="pt2",  # a torch.export program: no pickled module
-                    signature=signature,
-                    input_example=example.numpy(),  # a batch of 5 keeps the batch size dynamic
-                    pip_requirements=requirements,
+        try:
+            # Created here, in the run's experiment: left to itself, log_model files a model logged
+            # without an active run under the default experiment, where `runs:/<id>/model` misses it.
+            for name in ("model", "torchscript"):
+                logged = client.create_logged_model(
+                    experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
                 )
-            else:
-                # log_model puts its own "show UserWarnings once" filter ahead of ours: catch them here.
-                with warnings.catch_warnings(record=True) as caught:
-                    info = mlflow.pyfunc.log_model(
+                created.append(logged.model_id)
+                if name == "model":
+                    info = mlflow.pytorch.log_model(
+                        model,
                         name=name,
+                        run_id=run_id,
                         model_id=logged.model_id,
-                        python_model=str(PYFUNC_CODE),  # models-from-code: the code is a file, not a pickle
-                        artifacts={"torchscript": str(ts)},
-                        model_config={"sha256": hashes["torchscript"]},
+                        serialization_format="pt2",  # a torch.export program: no pickled module
                         signature=signature,
-                        input_example=example.numpy(),
-                        pip_requirements=[*requirements, "numpy"],
+                        input_example=example.numpy(),  # a batch of 5 keeps the batch size dynamic
+                        pip_requirements=requirements,
                     )
-                for w in caught:
-                    if "Add type hints to the `predict` method" not in str(w.message):
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-            uris[name] = info.model_uri
-    tracking.log_artifacts(run_id, "export", files)
-    tracking.set_tags(run_id, {f"export.sha256.{k}": v for k, v in hashes.items()})
+                else:
+                    # log_model puts its own "show UserWarnings once" filter ahead of ours: catch them here.
+                    with warnings.catch_warnings(record=True) as caught:
+                        info = mlflow.pyfunc.log_model(
+                            name=name,
+                            model_id=logged.model_id,
+                            python_model=str(PYFUNC_CODE),  # models-from-code: the code is a file, not a pickle
+                            artifacts={"torchscript": str(ts)},
+                            model_config={"sha256": hashes["torchscript"]},
+                            signature=signature,
+                            input_example=example.numpy(),
+                            pip_requirements=[*requirements, "numpy"],
+                        )
+                    for w in caught:
+                        if "Add type hints to the `predict` method" not in str(w.message):
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+                uris[name] = info.model_uri
+        except BaseException:
+            for model_id in created:
+                with contextlib.suppress(Exception):
+                    client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+            raise
     return uris
 
 
@@ -225,13 +264,17 @@ def run(params: Params) -> dict:
     # Everything is written beside its final name, checked and logged there; only a model that
     # passes, and whose logging succeeded, replaces the previous export.
     with staged(STATE, TORCHSCRIPT, EXPORTED, INFO) as (state, ts, pt2, info_file):
-        # Open files, not paths, so that the temporary name does not end up inside the archive.
-        with open(state, "wb") as f:
-            torch.save(model.state_dict(), f)
-        with open(ts, "wb") as f:
-            torch.jit.save(scripted, f)
-        with open(pt2, "wb") as f:
-            torch.export.save(program, f)
+        # Through memory, so that neither the temporary name nor a full disk reaches torch's writers.
+        save_torch(model.state_dict(), state)
+        write_serialized(ts, lambda f: torch.jit.save(scripted, f))
+        write_serialized(pt2, lambda f: torch.export.save(program, f))
+        leaked = {f.name: absolute_paths(f, _path_prefixes()) for f in (ts, pt2)}
+        if any(leaked.values()):
+            raise ExportError(
+                f"the exported files record machine-specific paths ({leaked}), so their hashes would differ between "
+                "clones; something in this process compiled the model's code before the export did: run the export "
+                "in a process of its own (python -m tasks export)"
+            )
         diffs = check_in_fresh_process(x, expected, ts, pt2)
         bad = {k: v for k, v in diffs.items() if not v <= params.export.atol}
         if bad:

@@ -12,13 +12,14 @@ import copy
 import difflib
 import io
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -256,7 +257,7 @@ def write_overrides(path: Path, overrides: list[str]) -> Params:
     """
     from ruamel.yaml import YAML
 
-    from tasks.files import write_text
+    from tasks.files import atomic_path
 
     path = Path(path)
     params = load(path, overrides)
@@ -272,8 +273,12 @@ def write_overrides(path: Path, overrides: list[str]) -> Params:
         _set(doc, keys, value, text)
     buf = io.StringIO()
     rt.dump(doc, buf)
+    target = path.resolve()  # through a symlink, not over it
     try:
-        write_text(path, buf.getvalue())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the overrides into it ({exc.strerror or exc})") from None
+        with atomic_path(target) as tmp:
+            tmp.write_text(buf.getvalue())
+            shutil.copymode(target, tmp)  # the user's permissions stay
+    except (OSError, PipelineError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"{path}: cannot write the overrides into it ({reason})") from None
     return params

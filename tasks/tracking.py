@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import TrackingError
-from tasks.files import pid_alive, sha256_file
+from tasks.files import process_alive, process_id, sha256_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -152,7 +152,7 @@ def process_tags() -> dict[str, str]:
     return {
         "pipeline.host": socket.gethostname(),
         "pipeline.checkout": str(Path.cwd().resolve()),
-        "pipeline.pid": str(os.getpid()),
+        "pipeline.pid": process_id(),  # pid and start time: a later process with the same pid is not it
     }
 
 
@@ -177,11 +177,12 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     for run in running:
         tags = run.data.tags
         pid = tags.get("pipeline.pid", "")
-        if tags.get("pipeline.host") != me["pipeline.host"] or (pid.isdigit() and pid_alive(int(pid))):
+        if tags.get("pipeline.host") != me["pipeline.host"] or (pid and process_alive(pid)):
             continue
         with store():
             c.set_tag(run.info.run_id, "pipeline.closed", "left RUNNING by a killed process; closed by the next run")
             c.set_terminated(run.info.run_id, "KILLED")
+        pid = pid.split("-")[0]
         print(f"closed MLflow run {run.info.run_id} as KILLED: its process ({pid}) was killed without ending it")
         closed.append(run.info.run_id)
     return closed
@@ -224,10 +225,15 @@ def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:
             c.log_artifact(run_id, str(path), folder)
 
 
+KILLED_RUNS: list[str] = []  # what this process marked KILLED: the interrupt message names them
+
+
 def end_run(run_id: str, status: str) -> None:
     """FINISHED, FAILED or KILLED (interrupted)."""
     with store():
         client().set_terminated(run_id, status)
+    if status == "KILLED":
+        KILLED_RUNS.append(run_id)
 
 
 def carry_over(run_id: str, model_sha256: str) -> str | None:
@@ -243,7 +249,7 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
     with store():
         earlier = c.search_runs(
             [_experiment_id()],
-            filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}'",
+            filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
         )
         done = [r for r in earlier if r.info.run_id != run_id and any(k.startswith("test/") for k in r.data.metrics)]
@@ -261,10 +267,17 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
 
 
 def note_run(run_id: str, model_sha256: str) -> None:
-    """Note locally which run trained the model with this hash (the run carries the same hash as a tag)."""
+    """Note locally which run trained the model with this hash (the run carries the same hash as a tag).
+
+    Best effort: the note only saves a search, so failing to write it must not fail a finished step.
+    """
+    from tasks.errors import OutputError
     from tasks.files import json_text, write_text
 
-    write_text(RUN_FILE, json_text({"run_id": run_id, "tracking_uri": tracking_uri(), "best_sha256": model_sha256}))
+    try:
+        write_text(RUN_FILE, json_text({"run_id": run_id, "tracking_uri": tracking_uri(), "best_sha256": model_sha256}))
+    except OutputError as exc:
+        print(f"warning: {exc} (only a shortcut: evaluate and export find the run by the model's hash)")
 
 
 def _noted() -> dict[str, str]:
@@ -277,34 +290,39 @@ def _noted() -> dict[str, str]:
 
 def current_run_id(model: Path) -> str:
     """The run that trained `model`: from the local note when it matches, else by the model's hash tag."""
-    check_store(must_exist=True)
     digest = sha256_file(model)
     noted = _noted()
-    c = client()
-    if noted.get("best_sha256") == digest and noted.get("tracking_uri") == tracking_uri():
-        with store():
-            try:
-                run = c.get_run(str(noted.get("run_id")))
-            except Exception as exc:
-                if "RESOURCE_DOES_NOT_EXIST" not in repr(getattr(exc, "error_code", "")) + str(exc):
-                    raise
-                run = None
-        if run is not None:
-            return run.info.run_id
-    with store():
-        experiments = [e.experiment_id for e in c.search_experiments()]
-        found = c.search_runs(
-            experiments, filter_string=f"tags.`{MODEL_TAG}` = '{digest}'", order_by=["attributes.start_time DESC"]
-        )
-    if found:
-        return found[0].info.run_id
     elsewhere = noted.get("tracking_uri")
-    if elsewhere and elsewhere != tracking_uri():
+    if elsewhere == tracking_uri():
+        elsewhere = None
+    try:
+        check_store(must_exist=True)
+        c = client()
+        if noted.get("best_sha256") == digest and not elsewhere:
+            with store():
+                try:
+                    return c.get_run(str(noted.get("run_id"))).info.run_id
+                except Exception as exc:
+                    if "RESOURCE_DOES_NOT_EXIST" not in repr(getattr(exc, "error_code", "")) + str(exc):
+                        raise
+        with store():
+            experiments = [e.experiment_id for e in c.search_experiments()]
+            found = c.search_runs(
+                experiments,
+                filter_string=f"tags.`{MODEL_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+            )
+        if found:
+            return found[0].info.run_id
+        raise TrackingError(
+            f"no MLflow run in {tracking_uri()} trained {model} (sha256 {digest[:12]}; the run was deleted, or the "
+            f"store is another one); train again to log a new run: {RETRAIN}"
+        )
+    except TrackingError:
+        if not elsewhere:
+            raise
+        # The likelier story: the model was logged to another store than the one set now.
         raise TrackingError(
             f"the model in {model.parent} was logged to {elsewhere}, but MLFLOW_TRACKING_URI is {tracking_uri()}: "
             f"use the same store, or train again: {RETRAIN}"
-        )
-    raise TrackingError(
-        f"no MLflow run in {tracking_uri()} trained {model} (sha256 {digest[:12]}; the run was deleted, or the "
-        f"store is another one); train again to log a new run: {RETRAIN}"
-    )
+        ) from None

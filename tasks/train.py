@@ -156,12 +156,15 @@ def fit(params: Params, run_id: str) -> dict:
             f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  "
             f"val/loss {val['loss']:.4f}  val/accuracy {val['accuracy']:.4f}{marker}"
         )
-        gate(params, epoch, first_loss, train_loss, value, chance, n_classes)
+        gate(params, epoch, first_loss, train_loss, best_value, chance, n_classes)
     return {"history": history, "best_epoch": best_epoch, "best_state": best_state, "device": str(device)}
 
 
-def gate(params: Params, epoch: int, first_loss: float, train_loss: float, value: float, chance: float, n_classes: int):
-    """Stop a run that diverges or stays at chance, naming the epoch, the value and the likely culprit."""
+def gate(params: Params, epoch: int, first_loss: float, train_loss: float, best: float, chance: float, n_classes: int):
+    """Stop a run that diverges or stays at chance, naming the epoch, the value and the likely culprit.
+
+    Chance is judged on the best epoch so far: one poor epoch after good ones is not a stuck run.
+    """
     cfg = params.train
     if not math.isfinite(train_loss):
         problem = f"training diverged at epoch {epoch}: train/loss is {train_loss}"
@@ -170,12 +173,12 @@ def gate(params: Params, epoch: int, first_loss: float, train_loss: float, value
             f"training diverged at epoch {epoch}: train/loss {train_loss:.4g} is {train_loss / first_loss:.3g}x "
             f"the untrained model's {first_loss:.4g} (limit: train.divergence_factor {cfg.divergence_factor:g})"
         )
-    elif cfg.chance_epochs and epoch >= cfg.chance_epochs and at_chance(cfg.select_metric, value, chance):
+    elif cfg.chance_epochs and epoch >= cfg.chance_epochs and at_chance(cfg.select_metric, best, chance):
         accuracy = cfg.select_metric.endswith("accuracy")
         baseline = "always predicting the most common class" if accuracy else "uniform guessing"
         problem = (
-            f"training is stuck at chance at epoch {epoch}: {cfg.select_metric} {value:.4f}, no better than "
-            f"{baseline} ({chance:.4f}; checked from epoch train.chance_epochs = {cfg.chance_epochs})"
+            f"training is stuck at chance after epoch {epoch}: the best {cfg.select_metric} so far, {best:.4f}, is "
+            f"no better than {baseline} ({chance:.4f}; checked from epoch train.chance_epochs = {cfg.chance_epochs})"
         )
     else:
         return

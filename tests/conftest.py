@@ -135,8 +135,17 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def start(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start `python ARGS` in the background, with Ctrl-C working even if this process ignores it."""
+def start(*args: str, cwd: Path, env: dict | None = None, session: bool = False) -> subprocess.Popen:
+    """Start `python ARGS` in the background, with Ctrl-C working even if this process ignores it.
+
+    With `session`, in a process group of its own, as a terminal runs a command.
+    """
+
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if session:
+            os.setsid()
+
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
@@ -144,7 +153,7 @@ def start(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=prepare,
     )
 
 
@@ -197,6 +206,9 @@ def trained(trained_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """A copy of the trained project and its MLflow store, as the working directory."""
     shutil.copytree(trained_template / "project", tmp_path / "project", symlinks=True)
     shutil.copy2(trained_template / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    note = tmp_path / "project/models/train/run.json"  # the copy's note names the copy's store
+    note.write_text(note.read_text().replace(f"sqlite:///{trained_template / 'mlflow.db'}", uri))
     monkeypatch.chdir(tmp_path / "project")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return tmp_path / "project"

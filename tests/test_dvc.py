@@ -190,10 +190,15 @@ PLANT = textwrap.dedent(
         with zipfile.ZipFile(archive, "w") as z:
             for info, data in items:
                 z.writestr(info, pickle.dumps(Payload()) if info.filename.endswith("sample_inputs/model.pt") else data)
-    else:  # replace the TorchScript file, and the hash that guards it, as a writer of the store could
+    else:  # a TorchScript archive whose pickle calls os.system, and the hash that guards it, replaced
         ts = os.path.join(dst, "artifacts", "model.ts")
-        with open(ts, "wb") as f:
-            f.write(pickle.dumps(Payload()))
+        with zipfile.ZipFile(ts) as z:
+            items = [(i, z.read(i.filename)) for i in z.infolist()]
+        with zipfile.ZipFile(ts, "w") as z:
+            for info, data in items:
+                z.writestr(info, pickle.dumps(Payload(), protocol=2) if info.filename.endswith("/data.pkl") else data)
+        if kind == "pyfunc-same-hash":
+            sys.exit(0)
         mlmodel = os.path.join(dst, "MLmodel")
         text = open(mlmodel).read()
         digest = hashlib.sha256(open(ts, "rb").read()).hexdigest()
@@ -209,13 +214,20 @@ LOAD = textwrap.dedent(
         (mlflow.pytorch if sys.argv[2] == "pt2" else mlflow.pyfunc).load_model(sys.argv[1])
         print("loaded")
     except Exception as exc:
-        print("refused:", str(exc).splitlines()[0])
+        print("refused:", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
     """
 )
 
 
-@pytest.mark.parametrize(("name", "kind"), [("model", "pt2"), ("torchscript", "pyfunc")])
-def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_path, name, kind):
+@pytest.mark.parametrize(
+    ("name", "kind", "refusal"),
+    [
+        ("model", "pt2", "Deserializing model using pickle is disallowed"),
+        ("torchscript", "pyfunc-same-hash", "is not the file that was logged (sha256 differs): refusing to load it"),
+        ("torchscript", "pyfunc", "Unknown type name 'posix.system'"),  # hash forged too: TorchScript refuses it
+    ],
+)
+def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_path, name, kind, refusal):
     path, _ = repo
     import mlflow
 
@@ -228,10 +240,12 @@ def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_p
     env = {**os.environ, "PYTHONPATH": str(path)}
     env.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
     loaded = sh(sys.executable, "-c", LOAD, tmp_path / "planted", kind, cwd=path, env=env)
-    assert loaded.stdout.startswith("refused:") and not marker.exists()
+    assert loaded.stdout.startswith("refused:") and refusal in loaded.stdout
+    assert not marker.exists()
     # The untouched model still loads under the same settings.
     assert sh(sys.executable, "-c", LOAD, original, kind, cwd=path, env=env).stdout.strip() == "loaded"
-    if kind == "pt2":  # the control: with MLflow's default (pickle allowed), the same copy runs the payload
+    # The control: the planted copy does run its payload where loading allows pickle.
+    if kind == "pt2":  # MLflow's own default
         sh(
             sys.executable,
             "-c",
@@ -241,7 +255,16 @@ def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_p
             cwd=path,
             env={**env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"},
         )
-        assert marker.exists()
+    else:  # plain unpickling of the planted archive's data.pkl, which TorchScript never does
+        ts = tmp_path / "planted/artifacts/model.ts"
+        sh(
+            sys.executable,
+            "-c",
+            f"import zipfile, pickle; z = zipfile.ZipFile({str(ts)!r}); "
+            "pickle.loads(z.read([n for n in z.namelist() if n.endswith('/data.pkl')][0]))",
+            cwd=tmp_path,
+        )
+    assert marker.exists()
 
 
 def test_changing_the_learning_rate_reruns_train_and_after_only(repo):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from flows.server import healthy
 from tasks import STAGES
 from tasks.params import ConfigError
 from tests.conftest import dvc, one_line_error, sh, start, wait_for
@@ -128,12 +129,13 @@ def test_the_flow_holds_the_checkout_and_ctrl_c_stops_it_cleanly(prefect_api, pr
     flow.send_signal(signal.SIGINT)
     out, _ = flow.communicate(timeout=120)
     assert flow.returncode == 130
-    assert out.strip().splitlines()[-1] == (
-        "error: interrupted (Ctrl-C); the previous outputs are kept and the MLflow run is marked KILLED"
-    )
-    assert "Traceback" not in out
     (run,) = mlflow_runs()
     assert run.info.status == "KILLED"
+    assert out.strip().splitlines()[-1] == (
+        f"error: interrupted (Ctrl-C): the running step left its previous outputs as they were; "
+        f"MLflow run {run.info.run_id} marked KILLED"
+    )
+    assert "Traceback" not in out
     assert not (project / "models/train/best.pt").exists()  # train never finished: no half a model
 
 
@@ -154,16 +156,28 @@ def test_the_flow_is_refused_with_one_line_when_dvc_holds_the_checkout(prefect_a
     assert not (project / "mlflow.db").exists() and not list(project.parent.glob("mlflow.db"))
 
 
-def test_a_killed_flow_leaves_no_server_behind_and_its_run_is_closed_next_time(project, tmp_path):
-    """Without PREFECT_API_URL the flow uses one long-lived local server: a kill strands nothing new."""
+def test_the_local_server_survives_ctrl_c_and_kills_and_runs_left_running_are_closed(project, tmp_path):
+    """Without PREFECT_API_URL the flow uses one long-lived local server, in a session of its own.
+
+    Ctrl-C in a terminal reaches the flow's whole process group: the server must not be in it. A
+    flow killed outright starts no stray server and leaves runs RUNNING that the next run closes.
+    """
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
     env.update({"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port())})
+    api = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
     try:
-        flow = start("-m", "flows.pipeline", "--set", "train.epochs=500", cwd=project, env=env)
+        flow = start("-m", "flows.pipeline", "--set", "train.epochs=500", cwd=project, env=env, session=True)
         started = wait_for(flow, "epoch   2/500")
         assert any("starting a local Prefect server" in line for line in started)
         server_pid = (home / "server.pid").read_text()
+        os.killpg(flow.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        flow.communicate(timeout=60)
+        assert flow.returncode == 130
+        assert healthy(api) and (home / "server.pid").read_text() == server_pid
+
+        flow = start("-m", "flows.pipeline", cwd=project, env=env, session=True)
+        wait_for(flow, "epoch   2/500")
         flow.kill()
         flow.wait()
         (orphan,) = mlflow_runs("RUNNING")
@@ -173,11 +187,11 @@ def test_a_killed_flow_leaves_no_server_behind_and_its_run_is_closed_next_time(p
         assert "starting a local Prefect server" not in out  # reused, not a second one
         assert (home / "server.pid").read_text() == server_pid
         assert f"closed MLflow run {orphan.info.run_id} as KILLED" in out
-        assert [r.info.status for r in mlflow_runs()] == ["KILLED", "FINISHED"]
+        assert [r.info.status for r in mlflow_runs()] == ["KILLED", "KILLED", "FINISHED"]
         # The Prefect flow run that the kill left RUNNING is closed too.
         assert "Crashed: its process" in out
-        assert flow_run_states(env["PREFECT_PORT"]) == ["CRASHED", "COMPLETED"]
+        assert flow_run_states(env["PREFECT_PORT"]) == ["CRASHED", "CRASHED", "COMPLETED"]
     finally:
         stop = sh(sys.executable, "-m", "flows.server", "--stop", cwd=project, env=env, check=False)
     assert stop.returncode == 0
-    assert not (home / "server.pid").exists()
+    assert not (home / "server.pid").exists() and not healthy(api)

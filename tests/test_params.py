@@ -164,3 +164,13 @@ def test_help_answers(entry):
     proc = subprocess.run([sys.executable, *entry, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     assert "--set KEY=VALUE" in proc.stdout
+
+
+def test_write_overrides_keeps_the_files_permissions_and_writes_through_a_symlink(tmp_path):
+    real = full(tmp_path)
+    real.chmod(0o640)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    write_overrides(link, ["train.lr=0.01"])
+    assert link.is_symlink() and load(real).train.lr == 0.01
+    assert (real.stat().st_mode & 0o777) == 0o640
