@@ -307,15 +307,17 @@ def test_a_deleted_store_is_not_recreated_and_the_message_says_how_to_recover(tr
 
 
 @pytest.mark.slow
-def test_an_unwritable_store_is_one_line_and_changes_nothing(trained, tmp_path):
+@pytest.mark.parametrize("stage", ["train", "evaluate", "export"])
+def test_an_unwritable_store_is_one_line_and_changes_nothing(trained, tmp_path, stage):
+    """evaluate and export find their run (reading works) and fail when they log: after writing, before replacing."""
     before = snapshot(trained)
     with immutable(tmp_path / "mlflow.db"):
-        proc = python("-m", "tasks", "train", cwd=trained)
+        proc = python("-m", "tasks", stage, cwd=trained)
     assert proc.returncode == 7
     line = one_line_error(proc)
-    assert line.startswith(f"error: train: MLflow store sqlite:///{tmp_path / 'mlflow.db'}: ")
+    assert line.startswith(f"error: {stage}: MLflow store sqlite:///{tmp_path / 'mlflow.db'}: ")
     assert "readonly database; make the file and its folder writable" in line
-    assert snapshot(trained) == before
+    assert snapshot(trained) == before and not leftovers(trained)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from tasks.params import ConfigError, Params, load, write_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+LIGHT_ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}  # the entry points must fail before any server
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -174,3 +175,54 @@ def test_write_overrides_keeps_the_files_permissions_and_writes_through_a_symlin
     write_overrides(link, ["train.lr=0.01"])
     assert link.is_symlink() and load(real).train.lr == 0.01
     assert (real.stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            {"  lr: 0.003": "  lr: 0.003\n  lr: 0.3"},
+            "params.yaml: line 24: duplicate key 'lr'; keep one of the two values",
+        ),
+        (
+            "",
+            "params.yaml: the file is empty; it must hold seed and the sections prepare, build, train, evaluate",
+        ),
+    ],
+)
+def test_every_entry_point_refuses_what_dvc_refuses(tmp_path, edit, expected):
+    """Duplicate keys and an empty file: exit 2 and one line from the stage command, as from DVC."""
+    if edit:
+        full(tmp_path, edit)
+    else:
+        write(tmp_path, "")
+    for entry in (["-m", "tasks", "train"], ["-m", "flows.pipeline"]):
+        proc = subprocess.run([sys.executable, *entry], cwd=tmp_path, capture_output=True, text=True, env=LIGHT_ENV)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith(f"error: {expected}") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("how", ["chmod", "chattr"])
+def test_set_refuses_a_params_file_the_user_cannot_write(tmp_path, how):
+    path = full(tmp_path)
+    before = path.read_text()
+    if how == "chmod":
+        path.chmod(0o444)
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.pipeline", "--set", "train.lr=0.01"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=LIGHT_ENV,
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: params.yaml: the file is read-only, and --set writes the overrides into it; "
+        "make it writable (chmod u+w params.yaml) or run without --set\n"
+    )
+    assert path.read_text() == before
