@@ -259,9 +259,12 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
         now = int(time.time() * 1000)
         tests = [Metric(k, v, now, 0) for k, v in source.data.metrics.items() if k.startswith("test/")]
         c.log_batch(run_id, metrics=tests)
-        models = source.outputs.model_outputs if source.outputs else []
-        if models:
-            c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=m.step) for m in models])
+        outputs = source.outputs.model_outputs if source.outputs else []
+        # Only the models that run logged itself and finished: not those it carried over in turn.
+        models = [c.get_logged_model(m.model_id) for m in outputs]
+        own = [m for m in models if m.source_run_id == source.info.run_id and str(m.status) == "READY"]
+        if own:
+            c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in own])
     set_tags(run_id, {"pipeline.same_model_as": source.info.run_id})
     return source.info.run_id
 
