@@ -139,38 +139,35 @@ def test_one_mlflow_run_with_params_curves_metrics_lineage_and_model(repo):
         assert torch.equal(logged(x).argmax(1), scripted(x).argmax(1))
 
 
-def test_misspelt_key_fails_with_one_line_and_keeps_outputs(repo):
-    path, _ = repo
+def failing_repro(path: Path, old: str, new: str) -> subprocess.CompletedProcess:
+    """`dvc repro` with one params.yaml line edited (then restored): it must fail and change no output."""
     before = {out: sha256_file(path / out) for out in OUTPUTS}
     lock = (path / "dvc.lock").read_text()
-    set_param(path, "epochs: 30", "epocs: 30")
+    set_param(path, old, new)
     try:
         failed = dvc("repro", cwd=path, check=False)
     finally:
-        set_param(path, "epocs: 30", "epochs: 30")
+        set_param(path, new, old)
     assert failed.returncode != 0
-    assert "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)" in failed.stderr.splitlines()
     assert {out: sha256_file(path / out) for out in OUTPUTS} == before
     assert (path / "dvc.lock").read_text() == lock
+    return failed
+
+
+def test_misspelt_key_fails_with_one_line_and_keeps_outputs(repo):
+    path, _ = repo
+    failed = failing_repro(path, "epochs: 30", "epocs: 30")
+    assert "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)" in failed.stderr.splitlines()
     assert "up to date" in dvc("status", cwd=path).stdout
 
 
 def test_a_diverging_learning_rate_fails_the_repro_and_keeps_the_good_model(repo):
     path, _ = repo
-    before = {out: sha256_file(path / out) for out in OUTPUTS}
-    lock = (path / "dvc.lock").read_text()
-    set_param(path, "lr: 0.003", "lr: 10")
-    try:
-        failed = dvc("repro", cwd=path, check=False)
-    finally:
-        set_param(path, "lr: 10", "lr: 0.003")
-    assert failed.returncode != 0
+    failed = failing_repro(path, "lr: 0.003", "lr: 10")
     (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error: ")]
     assert line.startswith("error: train: training diverged at epoch 1: train/loss ")
     assert line.endswith("most likely train.lr (now 10): lower it, e.g. --set train.lr=1")
     assert "exited with 5" in failed.stderr  # the stage's exit code, as DVC reports it
-    assert {out: sha256_file(path / out) for out in OUTPUTS} == before
-    assert (path / "dvc.lock").read_text() == lock
 
 
 PLANT = textwrap.dedent(
