@@ -24,14 +24,13 @@ import argparse
 import hashlib
 import json
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
 from tasks import STAGES, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 from tasks.errors import PipelineError
-from tasks.files import process_alive, process_id
+from tasks.files import process_alive
 from tasks.params import PARAMS_FILE, ConfigError, check_writable, load, write_overrides
 
 
@@ -105,10 +104,14 @@ def close_crashed_flow_runs() -> None:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    checkout = "checkout:" + hashlib.sha256(f"{socket.gethostname()}:{Path.cwd().resolve()}".encode()).hexdigest()[:12]
+    from tasks.tracking import process_tags
+
+    ident = process_tags()  # the same host, checkout and process identity as the MLflow run's tags
+    where = f"{ident['pipeline.host']}:{ident['pipeline.checkout']}"
+    checkout = "checkout:" + hashlib.sha256(where.encode()).hexdigest()[:12]
     with get_client(sync_client=True) as client:
         me = client.read_flow_run(flow_run.id)
-        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{process_id()}"}))
+        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{ident['pipeline.pid']}"}))
         running = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[checkout]),
@@ -158,15 +161,15 @@ def summary() -> str:
     """Where the results are, for the end of a run."""
     from tasks.evaluate import METRICS
     from tasks.export import INFO
-    from tasks.tracking import RUN_FILE, tracking_uri
+    from tasks.tracking import noted_run, tracking_uri
 
     if not METRICS.exists() or not INFO.exists():
         return "no results yet"
     test = json.loads(METRICS.read_text())["test"]
-    try:
-        run = json.loads(RUN_FILE.read_text())
+    run = noted_run()
+    if "run_id" in run and "tracking_uri" in run:
         where = f"MLflow run {run['run_id']} in {run['tracking_uri']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    else:
         where = f"MLflow runs in {tracking_uri()}"
     return "\n".join(
         [

@@ -95,7 +95,7 @@ _SCRIPTING = threading.Lock()
 
 
 @contextlib.contextmanager
-def reproducible_scripting() -> Iterator[None]:
+def reproducible_scripting(prefixes: list[str]) -> Iterator[None]:
     """Make `torch.jit.script` output depend only on the code, not on the folder or the process.
 
     TorchScript records each function's source file (an absolute path) and collects module
@@ -107,8 +107,6 @@ def reproducible_scripting() -> Iterator[None]:
     """
     import torch._sources as sources
     import torch.jit._recursive as recursive
-
-    prefixes = _path_prefixes()
 
     class SortedSet(set):
         def __iter__(self):  # type: ignore[override]
@@ -145,9 +143,8 @@ def absolute_paths(archive: Path, prefixes: list[str]) -> list[str]:
     return sorted(found)
 
 
-def reproducible_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+def reproducible_program(program: torch.export.ExportedProgram, prefixes: list[str]) -> torch.export.ExportedProgram:
     """Make the stack traces that `torch.export` keeps on each node independent of the folder."""
-    prefixes = _path_prefixes()
     for module in program.graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):
             for node in module.graph.nodes:
@@ -256,10 +253,11 @@ def run(params: Params) -> dict:
     with torch.no_grad():
         expected = model(x)
 
-    with reproducible_scripting():
+    prefixes = _path_prefixes()
+    with reproducible_scripting(prefixes):
         scripted = torch.jit.script(model)
     program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-    program = reproducible_program(program)
+    program = reproducible_program(program, prefixes)
 
     # Everything is written beside its final name, checked and logged there; only a model that
     # passes, and whose logging succeeded, replaces the previous export.
@@ -268,7 +266,7 @@ def run(params: Params) -> dict:
         save_torch(model.state_dict(), state)
         write_serialized(ts, lambda f: torch.jit.save(scripted, f))
         write_serialized(pt2, lambda f: torch.export.save(program, f))
-        leaked = {f.name: absolute_paths(f, _path_prefixes()) for f in (ts, pt2)}
+        leaked = {f.name: absolute_paths(f, prefixes) for f in (ts, pt2)}
         if any(leaked.values()):
             raise ExportError(
                 f"the exported files record machine-specific paths ({leaked}), so their hashes would differ between "

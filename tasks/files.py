@@ -185,10 +185,6 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json_text(obj))
-
-
 def save_torch(obj: Any, path: str | Path) -> None:
     """`torch.save` into `path` (a staged temporary path, usually), byte-for-byte reproducibly."""
     import torch

@@ -283,7 +283,8 @@ def note_run(run_id: str, model_sha256: str) -> None:
         print(f"warning: {exc} (only a shortcut: evaluate and export find the run by the model's hash)")
 
 
-def _noted() -> dict[str, str]:
+def noted_run() -> dict[str, str]:
+    """The local note `note_run` wrote (run id, store, model hash), or {} when it is missing or unreadable."""
     try:
         noted = json.loads(RUN_FILE.read_text())
     except (OSError, ValueError):
@@ -294,7 +295,7 @@ def _noted() -> dict[str, str]:
 def current_run_id(model: Path) -> str:
     """The run that trained `model`: from the local note when it matches, else by the model's hash tag."""
     digest = sha256_file(model)
-    noted = _noted()
+    noted = noted_run()
     elsewhere = noted.get("tracking_uri")
     if elsewhere == tracking_uri():
         elsewhere = None
@@ -302,11 +303,13 @@ def current_run_id(model: Path) -> str:
         check_store(must_exist=True)
         c = client()
         if noted.get("best_sha256") == digest and not elsewhere:
+            from mlflow.exceptions import MlflowException
+
             with store():
                 try:
                     return c.get_run(str(noted.get("run_id"))).info.run_id
-                except Exception as exc:
-                    if "RESOURCE_DOES_NOT_EXIST" not in repr(getattr(exc, "error_code", "")) + str(exc):
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
         with store():
             experiments = [e.experiment_id for e in c.search_experiments()]

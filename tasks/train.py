@@ -218,13 +218,11 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
             tracking.end_run(run_id, "FINISHED")
         status = "FINISHED"  # only now: a failed rename above turns the run FAILED again
         tracking.note_run(run_id, digest)
-    except PipelineError as exc:
-        _quietly(tracking.set_tags, run_id, {"pipeline.error": str(exc)[:5000]})
-        raise
-    except Exception:
-        raise
-    except BaseException:  # stopped from outside: Ctrl-C, SIGTERM (Prefect's TerminationSignal too)
-        status = "KILLED"
+    except BaseException as exc:
+        if isinstance(exc, PipelineError):
+            _quietly(tracking.set_tags, run_id, {"pipeline.error": str(exc)[:5000]})
+        elif not isinstance(exc, Exception):  # stopped from outside: Ctrl-C, SIGTERM (Prefect's TerminationSignal)
+            status = "KILLED"
         raise
     finally:
         if status != "FINISHED":
