@@ -27,7 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks import STAGES, run_stage
+from tasks import STAGES, StepContext, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 from tasks.errors import PipelineError
 from tasks.files import process_alive
@@ -81,7 +81,7 @@ for _handler in logging.getLogger().handlers:
 def step(stage: str, params_path: str, tags: dict[str, str]) -> dict:
     """One pipeline step; takes and returns paths and small summaries, never tensors."""
     path = Path(params_path)
-    return run_stage(stage, load(path), path, tags)
+    return run_stage(stage, load(path), StepContext(path, tags))
 
 
 # One Prefect task per stage, named like the stage. Inputs are paths, so nothing to cache.
@@ -159,8 +159,8 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
 
 def summary() -> str:
     """Where the results are, for the end of a run."""
-    from tasks.evaluate import METRICS
-    from tasks.export import INFO
+    from tasks.paths import EXPORT_INFO as INFO
+    from tasks.paths import TEST_METRICS as METRICS
     from tasks.tracking import noted_run, tracking_uri
 
     if not METRICS.exists() or not INFO.exists():

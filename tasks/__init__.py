@@ -1,13 +1,20 @@
-"""The pipeline's steps, one module each: plain functions that read and write files.
+"""The pipeline's steps, one module each: `run(params, ctx)` reads files, calls the core, writes files.
 
 `STAGES` is the one list of step names and their order. `dvc.yaml`, the Prefect flow
 (`flows/pipeline.py`), the `params.yaml` sections and the modules here all use these names,
-and `tests/test_stages.py` fails if any of them drifts.
+and `tests/test_stages.py` fails if any of them drifts. Every step has the same signature, so the
+stage runner (`python -m tasks STAGE`) and the flow call them all the same way.
+
+Layers run one way: flows -> steps (`tasks/<stage>.py`: files, MLflow) -> the torch-only core
+(`tasks/core/`) -> libraries. A step never imports another step: shared paths live in
+`tasks/paths.py`, shared code in the core or in `tasks/files.py` and `tasks/tracking.py`.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +24,17 @@ if TYPE_CHECKING:
 STAGES = ("prepare", "build", "train", "evaluate", "export")
 
 
-def run_stage(stage: str, params: Params, params_path: Path, tags: dict[str, str] | None = None) -> dict:
-    """Run one step in this process; `train` also opens the MLflow run, so it gets the tags."""
-    module = importlib.import_module(f"tasks.{stage}")
-    if stage == "train":
-        return module.run(params, tags=tags, params_path=params_path)
-    return module.run(params)
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may need besides params: where they came from, and tags for the MLflow run."""
+
+    params_path: Path = Path("params.yaml")
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+BY_HAND = StepContext()  # a step called from Python: params.yaml, no extra tags
+
+
+def run_stage(stage: str, params: Params, ctx: StepContext) -> dict:
+    """Run one step in this process."""
+    return importlib.import_module(f"tasks.{stage}").run(params, ctx)

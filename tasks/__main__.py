@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tasks import STAGES, run_stage
+from tasks import STAGES, StepContext, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     stop_on_sigterm()
     orchestrator = "dvc" if os.environ.get("DVC_STAGE") else "cli"
     with user_errors(prefix=f"{args.stage}: "), checkout_lock():
-        run_stage(args.stage, params, args.params, tags={"orchestrator": orchestrator})
+        run_stage(args.stage, params, StepContext(args.params, {"orchestrator": orchestrator}))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     python -m tasks evaluate         # or: dvc repro evaluate
 
-`evaluate()` is also the per-epoch validation of `train`: one function, `model.eval()` under
-`torch.no_grad()`, torchmetrics accumulating batch by batch. Writes `metrics/evaluate.json`
-(accuracy, macro F1, loss, per-class precision and recall), `plots/confusion.csv` (one row per
-test image, for DVC's confusion template) and `plots/confusion.png`.
+The evaluation is `tasks/core/loops.py` `evaluate`, also the per-epoch validation of `train`:
+one function, `model.eval()` under `torch.no_grad()`, torchmetrics accumulating batch by batch.
+Writes `metrics/evaluate.json` (accuracy, macro F1, loss, per-class precision and recall),
+`plots/confusion.csv` (one row per test image, for DVC's confusion template) and
+`plots/confusion.png`.
 """
 
 from __future__ import annotations
@@ -13,60 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
-from tasks import tracking
-from tasks.files import json_text, read_json, staged
+from tasks import BY_HAND, StepContext, inputs, paths, tracking
+from tasks.core.data import loader
+from tasks.core.loops import evaluate
+from tasks.core.models import build_loss
+from tasks.files import json_text, staged
 from tasks.params import Params
-from tasks.prepare import MANIFEST, load_split
-
-METRICS = Path("metrics/evaluate.json")
-CONFUSION_CSV = Path("plots/confusion.csv")
-CONFUSION_PNG = Path("plots/confusion.png")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: nn.Module,
-    n_classes: int,
-    device: torch.device,
-    batch_size: int,
-) -> dict:
-    """Loss, accuracy, macro F1, per-class precision/recall, confusion matrix and predictions."""
-    model.eval()
-    metrics = MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(n_classes, average="micro"),
-            "f1_macro": MulticlassF1Score(n_classes, average="macro"),
-            "precision": MulticlassPrecision(n_classes, average=None),
-            "recall": MulticlassRecall(n_classes, average=None),
-            "confusion": MulticlassConfusionMatrix(n_classes),
-        }
-    ).to(device)
-    total = torch.zeros((), device=device)
-    predictions = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].to(device, dtype=torch.float32, non_blocking=True)
-        yb = y[start : start + batch_size].to(device, non_blocking=True)
-        logits = model(xb)
-        total += loss_fn(logits, yb) * yb.shape[0]
-        metrics.update(logits, yb)
-        predictions.append(logits.argmax(dim=1).cpu())
-    out = {k: v.cpu().tolist() for k, v in metrics.compute().items()}
-    out["loss"] = total.item() / x.shape[0]
-    out["predictions"] = torch.cat(predictions)
-    return out
 
 
 def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> None:
@@ -98,18 +52,15 @@ def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> No
         plt.close(fig)
 
 
-def run(params: Params) -> dict:
-    from tasks.build import build_loss, load_model
-    from tasks.train import BEST
-
-    manifest = read_json(MANIFEST, made_by="prepare")
+def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
+    manifest = inputs.manifest()
     classes = manifest["classes"]
-    model = load_model(params, BEST)
-    run_id = tracking.current_run_id(BEST)
-    x, y = load_split("test")
-    result = evaluate(
-        model, x, y, build_loss(params.train), len(classes), torch.device("cpu"), params.evaluate.batch_size
-    )
+    model = inputs.model(params, paths.BEST, made_by="train")
+    run_id = tracking.current_run_id(paths.BEST)
+    test_set = inputs.dataset("test")
+    loss_fn = build_loss(params.train.label_smoothing)
+    batches = loader(test_set, params.evaluate.batch_size, shuffle=False)
+    result = evaluate(model, batches, loss_fn, len(classes), torch.device("cpu"))
 
     test = {
         "accuracy": result["accuracy"],
@@ -124,15 +75,22 @@ def run(params: Params) -> dict:
     for c in classes:
         logged[f"test/precision/{c}"] = test["per_class"][c]["precision"]
         logged[f"test/recall/{c}"] = test["per_class"][c]["recall"]
-    rows = [f"{classes[a]},{classes[p]}" for a, p in zip(y.tolist(), result["predictions"].tolist(), strict=True)]
+    pairs = zip(result["labels"].tolist(), result["predictions"].tolist(), strict=True)
+    rows = [f"{_csv(classes[a])},{_csv(classes[p])}" for a, p in pairs]
 
     # Logged from the staged files, so a store that fails leaves the previous outputs as they were.
-    with staged(METRICS, CONFUSION_CSV, CONFUSION_PNG) as (metrics_file, csv_file, png_file):
+    outputs = (paths.TEST_METRICS, paths.CONFUSION_CSV, paths.CONFUSION_PNG)
+    with staged(*outputs) as (metrics_file, csv_file, png_file):
         metrics_file.write_text(json_text({"test": test}))
         csv_file.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
         confusion_png(result["confusion"], classes, png_file)
         tracking.log_metrics(run_id, logged)
         tracking.log_artifacts(run_id, "plots", [csv_file, png_file])
         tracking.log_artifacts(run_id, "metrics", [metrics_file])
-    print(f"evaluate: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f} on {x.shape[0]} images")
-    return {"metrics": str(METRICS), "accuracy": test["accuracy"], "f1_macro": test["f1_macro"]}
+    n = len(test_set)
+    print(f"evaluate: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f} on {n} images")
+    return {"metrics": str(paths.TEST_METRICS), "accuracy": test["accuracy"], "f1_macro": test["f1_macro"]}
+
+
+def _csv(text: str) -> str:
+    return f'"{text}"' if any(ch in text for ch in ',"\n') else text

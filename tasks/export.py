@@ -36,19 +36,19 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tasks import tracking
+from tasks import BY_HAND, StepContext, inputs, paths, tracking
 from tasks.errors import ExportError
-from tasks.files import json_text, read_json, save_torch, sha256_file, staged, write_serialized
+from tasks.files import json_text, save_torch, sha256_file, staged, write_serialized
 from tasks.params import Params
-from tasks.prepare import MANIFEST, load_split
+from tasks.paths import EXPORT_INFO as INFO
+from tasks.paths import EXPORT_STATE as STATE
+from tasks.paths import TORCH_EXPORT as EXPORTED
+from tasks.paths import TORCHSCRIPT
 
-OUT_DIR = Path("models/export")
-STATE = OUT_DIR / "model_state.pt"
-TORCHSCRIPT = OUT_DIR / "model.ts"
-EXPORTED = OUT_DIR / "model.pt2"
-INFO = OUT_DIR / "model.json"
+CHECK_IMAGES = 512  # test images the exported files must reproduce the eager model on
 PYFUNC_CODE = Path(__file__).with_name("mlflow_torchscript.py")
 
 # Runs in the fresh process: torch only, no project code; the inputs arrive on stdin (no temp file).
@@ -77,11 +77,11 @@ warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive",
 
 def _path_prefixes() -> list[str]:
     """Folders whose absolute paths differ between machines and clones: the project and the Pythons'."""
-    paths = {str(Path.cwd().resolve()), str(Path(__file__).resolve().parents[1]), site.getusersitepackages()}
-    paths.update(site.getsitepackages())
-    paths.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    folders = {str(Path.cwd().resolve()), str(Path(__file__).resolve().parents[1]), site.getusersitepackages()}
+    folders.update(site.getsitepackages())
+    folders.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
     # Longest first: site-packages inside the project's .venv must win over the project root.
-    prefixes = {p.rstrip(os.sep) + os.sep for p in paths if p and p.rstrip(os.sep)}  # never the root itself
+    prefixes = {p.rstrip(os.sep) + os.sep for p in folders if p and p.rstrip(os.sep)}  # never the root itself
     return sorted(prefixes, key=len, reverse=True)
 
 
@@ -242,14 +242,11 @@ def log_to_mlflow(
     return uris
 
 
-def run(params: Params) -> dict:
-    from tasks.build import load_model
-    from tasks.train import BEST
-
-    manifest = read_json(MANIFEST, made_by="prepare")
-    model = load_model(params, BEST).eval()
-    run_id = tracking.current_run_id(BEST)
-    x = load_split("test")[0].float()
+def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
+    manifest = inputs.manifest()
+    model = inputs.model(params, paths.BEST, made_by="train").eval()
+    run_id = tracking.current_run_id(paths.BEST)
+    x = torch.from_numpy(np.array(inputs.dataset("test").images[:CHECK_IMAGES])).float()
     with torch.no_grad():
         expected = model(x)
 
@@ -298,7 +295,7 @@ def run(params: Params) -> dict:
             "sha256": hashes,
             "check": {"atol": params.export.atol, "max_abs_diff": diffs, "images": x.shape[0]},
             # The MLflow run is found by the trained weights' hash, not named here: a run id differs per run.
-            "mlflow_run_tag": {tracking.MODEL_TAG: sha256_file(BEST)},
+            "mlflow_run_tag": {tracking.MODEL_TAG: sha256_file(paths.BEST)},
             "torch": torch.__version__,
         }
         info_file.write_text(json_text(info))

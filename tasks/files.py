@@ -254,6 +254,30 @@ def load_torch(path: str | Path, made_by: str) -> Any:
         raise _unreadable(path, made_by, f"corrupt or truncated: {first[:120]}") from None
 
 
+def load_array(path: str | Path, made_by: str, ndim: int) -> Any:
+    """A `.npy` array of a stage's output, memory-mapped read-only, with one-line errors for broken files.
+
+    `allow_pickle` stays off: an array of Python objects is refused, never unpickled.
+    """
+    import numpy as np
+
+    path = require(path, made_by)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "ValueError"
+        if "allow_pickle" in reason:
+            reason = "it holds Python objects, refused: loading them could run code"
+        else:
+            reason = f"corrupt or truncated: {reason[:120]}"
+        raise _unreadable(path, made_by, reason) from None
+    except (OSError, EOFError) as exc:
+        raise _unreadable(path, made_by, f"corrupt or truncated: {getattr(exc, 'strerror', None) or exc}") from None
+    if array.ndim != ndim:
+        raise _unreadable(path, made_by, f"corrupt: {array.ndim} dimensions where {ndim} belong")
+    return array
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

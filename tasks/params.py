@@ -35,7 +35,15 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
 class Prepare(Section):
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "imagefolder", "mnist", "fashion_mnist"] = "digits"
+    root: str = "data/raw"
+    image_size: Annotated[int, Field(ge=4, le=1024)] | None = None
+    channels: Literal[1, 3] | None = None
+    resize: Literal["crop", "pad", "stretch"] = "crop"
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    download: bool = False
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.15
 
@@ -43,6 +51,11 @@ class Prepare(Section):
     def _leaves_training_data(self) -> Prepare:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must be below 0.9, to leave data for training")
+        if self.dataset == "imagefolder" and self.image_size is None:
+            raise ValueError(
+                "dataset 'imagefolder' needs image_size (pixels per side): the images differ in size, "
+                "and a batch needs one; e.g. --set prepare.image_size=64"
+            )
         return self
 
 
@@ -51,6 +64,17 @@ class Build(Section):
     hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [128]
     channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=4)] = [32, 64]
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class Augment(Section):
+    crop_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
+    hflip: Annotated[float, Field(ge=0, le=1)] = 0.0
+    rotation: Annotated[float, Field(ge=0, le=180)] = 0.0
+    color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale < 1 or self.hflip > 0 or self.rotation > 0 or self.color_jitter > 0
 
 
 class Train(Section):
@@ -64,6 +88,8 @@ class Train(Section):
     select_metric: Literal["val/accuracy", "val/loss"] = "val/accuracy"
     divergence_factor: Annotated[float, Field(gt=1)] = 10.0
     chance_epochs: Annotated[int, Field(ge=0)] = 3
+    augment: Augment = Augment()
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -198,15 +224,7 @@ def _sections() -> list[str]:
 
 def _missing(data: dict[str, Any], source: str) -> str | None:
     """Keys the file leaves out: each must be written down, as DVC records only what the file says."""
-    defaults = Params().model_dump()
-    missing = []
-    for name, default in defaults.items():
-        if name not in data:
-            missing.append(
-                f"{name}: missing section" if isinstance(default, dict) else f"{name}: missing (default {default!r})"
-            )
-        elif isinstance(default, dict) and isinstance(data[name], dict):
-            missing += [f"{name}.{k}: missing (default {v!r})" for k, v in default.items() if k not in data[name]]
+    missing = _missing_keys(data, Params().model_dump(), "")
     if not missing:
         return None
     more = f"; and {len(missing) - 4} more" if len(missing) > 4 else ""
@@ -216,6 +234,17 @@ def _missing(data: dict[str, Any], source: str) -> str | None:
         + more
         + "; write every key down (the project's params.yaml lists them all)"
     )
+
+
+def _missing_keys(data: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
+    missing = []
+    for name, default in defaults.items():
+        if name not in data:
+            what = "missing section" if isinstance(default, dict) else f"missing (default {default!r})"
+            missing.append(f"{prefix}{name}: {what}")
+        elif isinstance(default, dict) and isinstance(data[name], dict):
+            missing += _missing_keys(data[name], default, f"{prefix}{name}.")
+    return missing
 
 
 def validate(data: dict[str, Any], source: str = str(PARAMS_FILE)) -> Params:
@@ -264,6 +293,8 @@ def write_overrides(path: Path, overrides: list[str]) -> Params:
     check_writable(path)
     validated = params.model_dump()
     rt = YAML()
+    # `null` stays `null`: ruamel would write it as nothing after the colon.
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     for text in overrides:
         keys, _ = parse_override(text)

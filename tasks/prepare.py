@@ -1,127 +1,264 @@
-"""prepare: load the data, validate it, split it, and store compact tensors plus a manifest.
+"""prepare: read the raw images once, check them, split them, and cache them as memory-mapped arrays.
 
     python -m tasks prepare          # or: dvc repro prepare
 
-The default data is scikit-learn's handwritten digits (1,797 images of 8x8 pixels with values
-0-16, 10 classes), which ships with the package: nothing is downloaded. The split is stratified
-and seeded, so every class keeps its share in train, val and test, and the same seed gives the
-same split. Normalisation statistics come from the train split only, so nothing about val or
-test leaks into training. Images stay uint8 on disk (one file, a few hundred KB); the model
-normalises its own input, so exported models take raw pixels.
+Sources (`prepare.dataset`): `digits` (scikit-learn's 1,797 handwritten digits, 8x8, shipped with
+the package), `imagefolder` (your images in `prepare.root`/<class>/<image>, or already split in
+`train/`, `val/` and `test/` folders), `mnist` and `fashion_mnist` (torchvision's IDX files under
+`prepare.root`). Every image is decoded once, in parallel processes and in a fixed order,
+converted to `prepare.channels` and `prepare.image_size` (by the `prepare.resize` policy), and
+stored per split as uint8 `.npy` arrays: a few files for DVC to track, however many images there
+were. The split is stratified and seeded; normalisation statistics come from the train split only.
+
+Bad files (corrupt, truncated, not an image, empty, too many pixels, a symlink out of the root,
+unreadable, the same bytes twice) stop the run before anything is written, naming the first ones
+and the count (`prepare.on_bad_sample: error`), or are left out and listed with their reasons in
+`data/prepared/report.json` (`skip`). The report also holds the counts per class and split and
+the original image sizes, which `plots/data/` shows through `dvc plots`, with a grid of samples.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.model_selection import train_test_split
 
-from tasks.errors import DataError, InputError
-from tasks.files import json_text, load_torch, save_torch, staged
+from tasks import BY_HAND, StepContext, paths
+from tasks.core import sources
+from tasks.core.data import channel_stats, stratified_split
+from tasks.errors import DataError
+from tasks.files import json_text, sha256_file, staged
 from tasks.params import Params
 
-OUT_DIR = Path("data/prepared")
-TENSORS = OUT_DIR / "splits.pt"
-MANIFEST = OUT_DIR / "manifest.json"
-SPLITS = ("train", "val", "test")
+SERIAL_BELOW = 512  # fewer images than this are decoded in this process: starting workers costs more
+SHOWN = 5  # bad files named on the console; the report lists them all
 
 
-def load_digits() -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Images (N, 1, 8, 8) of whole numbers 0-16 (as floats), labels (N,), class names, the largest pixel value."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    return digits.images[:, None, :, :], digits.target.astype(np.int64), [str(n) for n in digits.target_names], 16
-
-
-def validate(images: np.ndarray, labels: np.ndarray, classes: list[str], max_value: int, min_per_class: int) -> None:
-    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"expected images (N, C, H, W) and N labels, got {images.shape} and {labels.shape}")
-    if images.shape[0] == 0:
-        raise DataError("the data set is empty")
-    if images.min() < 0 or images.max() > max_value or not np.array_equal(images, np.round(images)):
-        raise DataError(f"pixels must be whole numbers in 0..{max_value}; found min {images.min()}, max {images.max()}")
-    if labels.min() < 0 or labels.max() >= len(classes):
-        raise DataError(f"labels outside 0..{len(classes) - 1}: min {labels.min()}, max {labels.max()}")
-    counts = np.bincount(labels, minlength=len(classes))
-    if counts.min() < min_per_class:
-        rare = [classes[i] for i in np.flatnonzero(counts < min_per_class)]
-        raise DataError(f"classes {rare} have fewer than {min_per_class} images; a stratified split needs more")
-
-
-def split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Sorted indices per split, stratified by label and fixed by the seed."""
-    index = np.arange(labels.shape[0])
-    try:
-        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
-        train, val = train_test_split(
-            rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
-        )
-    except ValueError as exc:  # a split too small to hold every class
-        raise DataError(f"cannot split {labels.shape[0]} images stratified: {exc}; raise the fraction") from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
-
-
-def run(params: Params) -> dict:
+def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     cfg = params.prepare
-    images, labels, classes, max_value = load_digits()
-    validate(images, labels, classes, max_value, min_per_class=3)
-    images = images.astype(np.uint8)  # checked above: whole numbers in 0..max_value <= 255
-    parts = split(labels, cfg.val_fraction, cfg.test_fraction, params.seed)
+    outputs = paths.OUTPUTS["prepare"]
+    with staged(*outputs) as temps:
+        staged_path = dict(zip(outputs, temps, strict=True))
+        scratch = temps[0].parent / "decoded.npy"  # removed with the staging folder
+        data = load(cfg, scratch)
+        manifest, report, parts = assemble(cfg, params.seed, data)
+        for split in paths.SPLITS:
+            images, labels = staged_path[paths.images(split)], staged_path[paths.labels(split)]
+            write_split(data["images"], data["labels"], parts[split], images, labels)
+        manifest["sha256"] = {p.name: sha256_file(staged_path[p]) for p in paths.ARRAYS}
+        staged_path[paths.MANIFEST].write_text(json_text(manifest))
+        staged_path[paths.DATA_REPORT].write_text(json_text(report))
+        write_plots(manifest, report, staged_path)
+    skipped = len(report["skipped"])
+    note = f"; {skipped} bad files left out, listed in {paths.DATA_REPORT}" if skipped else ""
+    print(
+        f"prepare: {manifest['sizes']} images of shape {manifest['input_shape']}, "
+        f"{len(manifest['classes'])} classes{note}"
+    )
+    return {"manifest": str(paths.MANIFEST), "sizes": manifest["sizes"], "skipped": skipped}
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name in SPLITS:
-        tensors[f"{name}_x"] = torch.from_numpy(np.ascontiguousarray(images[parts[name]]))
-        tensors[f"{name}_y"] = torch.from_numpy(labels[parts[name]])
 
-    # Statistics of the train split, on the [0, 1] scale, per channel.
-    train_x = tensors["train_x"].double() / max_value
-    mean = train_x.mean(dim=(0, 2, 3))
-    std = train_x.std(dim=(0, 2, 3))
+def load(cfg, scratch: Path) -> dict:
+    """Images (N, C, H, W) uint8 (in memory, or decoded into `scratch`), labels, classes and what went wrong."""
+    root = Path(cfg.root)
+    if cfg.dataset == "imagefolder":
+        return load_folder(cfg, root, scratch)
+    import torch
 
+    if cfg.dataset == "digits":
+        arrays = sources.digits()
+    else:
+        arrays = sources.mnist(root, cfg.dataset == "fashion_mnist", cfg.download)
+
+    channels = cfg.channels or arrays.images.shape[1]
+    fitted = sources.fit(torch.from_numpy(arrays.images), channels, cfg.image_size, cfg.resize).numpy()
+    n = len(arrays.labels)
+    h, w = arrays.images.shape[2:]
+    return {
+        "images": fitted,
+        "labels": arrays.labels,
+        "classes": arrays.classes,
+        "max_value": arrays.max_value,
+        "given_split": np.array(arrays.split) if arrays.split else None,
+        "sizes": Counter({(int(w), int(h)): n}),
+        "keep": np.ones(n, dtype=bool),
+        "bad": {},
+        "hashes": None,
+        "files": None,
+    }
+
+
+def load_folder(cfg, root: Path, scratch: Path) -> dict:
+    found = sources.scan_folder(root)
+    channels = cfg.channels or 3
+    n = len(found.files)
+    if n == 0:
+        raise DataError(f"{root} holds no image files in its class folders")
+    shape = (n, channels, cfg.image_size, cfg.image_size)
+    out = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
+    workers = 1 if n < SERIAL_BELOW else (cfg.workers or len(os.sched_getaffinity(0)))
+    results = sources.decode_folder(found, channels, cfg.image_size, cfg.resize, cfg.max_image_pixels, workers, out)
+    out.flush()
+    bad = dict(found.problems)
+    keep = np.zeros(n, dtype=bool)
+    sizes: Counter = Counter()
+    first_of: dict[str, int] = {}
+    for i, (rel, result) in enumerate(zip(found.files, results, strict=True)):
+        if result.reason:
+            bad[rel] = result.reason
+            continue
+        earlier = first_of.setdefault(result.sha256, i)
+        if earlier != i and _leaks(found.split, earlier, i):
+            bad[rel] = f"the same bytes as {found.files[earlier]}" + (
+                f" (in {found.split[earlier]}/)" if found.split else ", which a split could put on the other side"
+            )
+            continue
+        keep[i] = True
+        sizes[(result.width, result.height)] += 1
+    for name in found.empty_classes:
+        bad[f"{name}/"] = "empty class folder: no images in it"
+    return {
+        "images": out,
+        "labels": np.asarray(found.labels, dtype=np.int64),
+        "classes": found.classes,
+        "max_value": 255,
+        "given_split": np.array(found.split) if found.split is not None else None,
+        "sizes": sizes,
+        "keep": keep,
+        "bad": bad,
+        "files": found.files,
+    }
+
+
+def _leaks(split: list[str] | None, a: int, b: int) -> bool:
+    """The same image twice is a leak when the copies can land in different splits."""
+    return split is None or split[a] != split[b]
+
+
+def assemble(cfg, seed: int, data: dict) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """Decide what is kept and where it goes; the manifest and the report. Raises on bad data under `error`."""
+    bad, classes, labels, keep = data["bad"], list(data["classes"]), data["labels"], data["keep"]
+    if bad and cfg.on_bad_sample == "error":
+        first = "; ".join(f"{path}: {why}" for path, why in sorted(bad.items())[:SHOWN])
+        more = f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else ""
+        raise DataError(
+            f"{len(bad)} bad file{'s' if len(bad) > 1 else ''} in {cfg.root}: {first}{more}; fix or remove "
+            f"{'them' if len(bad) > 1 else 'it'}, or set prepare.on_bad_sample: skip to leave such files out "
+            "(each is then listed in the data report)"
+        )
+    counts = np.bincount(labels[keep], minlength=len(classes))
+    dropped = [c for c, k in zip(classes, counts, strict=True) if k == 0]
+    kept_classes = [c for c, k in zip(classes, counts, strict=True) if k > 0]
+    if len(kept_classes) < 2:
+        raise DataError(
+            f"{cfg.root}: only {len(kept_classes)} class with usable images ({', '.join(kept_classes) or 'none'}); "
+            "a classifier needs at least 2 class folders"
+        )
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    remap[[classes.index(c) for c in kept_classes]] = np.arange(len(kept_classes))
+    new_labels = remap[labels]
+
+    index = np.flatnonzero(keep)
+    given = data["given_split"]
+    if given is None:
+        inner = stratified_split(new_labels[index], cfg.val_fraction, cfg.test_fraction, seed)
+        parts = {s: index[inner[s]] for s in paths.SPLITS}
+    elif set(given.tolist()) == set(paths.SPLITS):
+        parts = {s: index[given[index] == s] for s in paths.SPLITS}
+    else:  # MNIST: its train set is split into train and val; its test set stays the test split
+        train = index[given[index] == "train"]
+        inner = stratified_split(new_labels[train], cfg.val_fraction, 0.0, seed)
+        parts = {"train": train[inner["train"]], "val": train[inner["val"]], "test": index[given[index] == "test"]}
+    for s in paths.SPLITS:
+        if parts[s].size == 0:
+            raise DataError(f"the {s} split is empty: put images in {cfg.root}/{s}/<class>/, or let the pipeline split")
+    data["labels"] = new_labels
+    data["classes"] = kept_classes
+    mean, std = channel_stats(data["images"], parts["train"], data["max_value"])
+    shape = list(data["images"].shape[1:])
     manifest = {
         "dataset": cfg.dataset,
-        "classes": classes,
-        "input_shape": list(images.shape[1:]),
+        "root": None if cfg.dataset == "digits" else cfg.root,
+        "classes": kept_classes,
+        "input_shape": shape,
         "input_dtype": "uint8",
-        "max_value": max_value,
+        "max_value": data["max_value"],
         "normalisation": {
-            "scale": 1.0 / max_value,
-            "mean": [round(float(m), 8) for m in mean],
-            "std": [round(float(s), 8) for s in std],
+            "scale": 1.0 / data["max_value"],
+            "mean": [round(m, 8) for m in mean],
+            "std": [round(s, 8) for s in std],
             "note": "x = (pixels * scale - mean) / std, per channel; the model does this itself",
         },
-        "seed": params.seed,
+        "seed": seed,
         "counts": {
-            name: {
-                c: int(n)
-                for c, n in zip(classes, np.bincount(labels[parts[name]], minlength=len(classes)), strict=True)
-            }
-            for name in SPLITS
+            s: dict(
+                zip(kept_classes, np.bincount(new_labels[parts[s]], minlength=len(kept_classes)).tolist(), strict=True)
+            )
+            for s in paths.SPLITS
         },
-        "sizes": {name: int(parts[name].shape[0]) for name in SPLITS},
-        "sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
+        "sizes": {s: int(parts[s].size) for s in paths.SPLITS},
+        "skipped": len(bad),
+        "dropped_classes": dropped,
     }
-    with staged(TENSORS, MANIFEST) as (tensors_file, manifest_file):
-        save_torch(tensors, tensors_file)
-        manifest_file.write_text(json_text(manifest))
-    print(f"prepare: {manifest['sizes']} images of shape {manifest['input_shape']}, {len(classes)} classes")
-    return {"tensors": str(TENSORS), "manifest": str(MANIFEST), "sizes": manifest["sizes"]}
+    report = {
+        "skipped": [{"file": path, "reason": why} for path, why in sorted(bad.items())],
+        "dropped_classes": dropped,
+        "counts": manifest["counts"],
+        "original_sizes": [{"width": w, "height": h, "images": k} for (w, h), k in sorted(data["sizes"].items())],
+    }
+    return manifest, report, parts
 
 
-def load_split(name: str, path: Path = TENSORS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, C, H, W), labels int64 (N,)) of one split."""
-    tensors = load_torch(path, made_by="prepare")
-    try:
-        return tensors[f"{name}_x"], tensors[f"{name}_y"]
-    except (KeyError, TypeError):
-        raise InputError(
-            f"{path} has no '{name}' split: it was not made by this project's prepare; make it again with `dvc repro`"
-        ) from None
+def write_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray, images_path: Path, labels_path: Path):
+    out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(index.size, *images.shape[1:]))
+    for start in range(0, index.size, 4096):
+        out[start : start + 4096] = images[index[start : start + 4096]]
+    out.flush()
+    del out
+    np.save(labels_path, labels[index].astype(np.int64))
+
+
+def write_plots(manifest: dict, report: dict, staged_path: dict[Path, Path]) -> None:
+    """Counts per class and split, the original sizes, and a grid of train samples per class."""
+    rows = ["class,split,images"]
+    rows += [f"{_csv(c)},{s},{k}" for s in paths.SPLITS for c, k in manifest["counts"][s].items()]
+    staged_path[paths.DATA_COUNTS].write_text("\n".join(rows) + "\n")
+    sizes = ["width,height,images"] + [f"{r['width']},{r['height']},{r['images']}" for r in report["original_sizes"]]
+    staged_path[paths.DATA_SIZES].write_text("\n".join(sizes) + "\n")
+    train_images, train_labels = staged_path[paths.images("train")], staged_path[paths.labels("train")]
+    n_classes, max_value = len(manifest["classes"]), manifest["max_value"]
+    samples_grid(train_images, train_labels, n_classes, max_value, staged_path[paths.DATA_SAMPLES])
+
+
+def _csv(text: str) -> str:
+    return f'"{text}"' if any(ch in text for ch in ',"\n') else text
+
+
+def samples_grid(images_path: Path, labels_path: Path, n_classes: int, max_value: int, out: Path, per_class: int = 8):
+    """One row per class of its first train images (`torchvision.utils.make_grid`), at least 32 pixels each."""
+    import torch
+    from torchvision.io import encode_png
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import make_grid
+
+    images = np.load(images_path, mmap_mode="r")
+    labels = np.load(labels_path)
+    c, h, w = images.shape[1:]
+    tiles = []
+    for k in range(n_classes):
+        picked = np.flatnonzero(labels == k)[:per_class]
+        block = torch.zeros(per_class, c, h, w, dtype=torch.uint8)
+        block[: picked.size] = torch.from_numpy(images[picked])
+        tiles.append(block)
+    grid = torch.cat(tiles)
+    if max_value != 255:
+        grid = (grid.float() * (255 / max_value)).round().to(torch.uint8)
+    if grid.shape[1] == 1:
+        grid = grid.expand(-1, 3, -1, -1)
+    if min(h, w) < 32:  # small images shown in big pixels, not blurred
+        factor = -(-32 // min(h, w))
+        grid = F.resize(grid, [h * factor, w * factor], interpolation=F.InterpolationMode.NEAREST)
+    picture = make_grid(grid, nrow=per_class, padding=2, pad_value=128)
+    out.write_bytes(encode_png(picture).numpy().tobytes())

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.errors import TrackingError
 from tasks.files import process_alive, process_id, sha256_file
+from tasks.paths import RUN_NOTE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-RUN_FILE = Path("models/train/run.json")
+RUN_FILE = RUN_NOTE
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "pipeline"
 PIPELINE_WRITES = ("dvc.lock", "metrics", "plots")

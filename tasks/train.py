@@ -3,9 +3,12 @@
     python -m tasks train            # or: dvc repro train
 
 Per epoch: `model.train()`, shuffled batches through `zero_grad` / forward / loss /
-`backward` / `step`, then validation with `model.eval()` under `torch.no_grad()` (see
-`tasks.evaluate.evaluate`). The weights of the epoch with the best `train.select_metric` are
-kept in `models/train/best.pt`. Runs on CPU, or on CUDA when present (`train.device: auto`).
+`backward` / `step` (`tasks/core/loops.py` `train_one_epoch`), then validation with
+`model.eval()` under `torch.no_grad()` (`evaluate`, the same function that tests the model).
+Batches come from the memory-mapped arrays of `prepare` through a `DataLoader`
+(`train.num_workers` processes, pinned memory on CUDA), with `train.augment` applied per sample
+on the train split only. The weights of the epoch with the best `train.select_metric` are kept
+in `models/train/best.pt`. Runs on CPU, or on CUDA when present (`train.device: auto`).
 
 A quality gate stops a run that is going nowhere, with one line naming the epoch, the value and
 the param most likely at fault, before it can replace a good model: a train loss above
@@ -15,7 +18,7 @@ after training and its MLflow logging succeeded, so a stopped, failed or killed 
 previous ones as they were; Ctrl-C marks the MLflow run KILLED.
 
 Same seed, same params, same machine: byte-identical weights. The seed fixes the initial
-weights (from `build`), the shuffling (a dedicated generator) and dropout, and
+weights (from `build`), the shuffling (a dedicated generator), augmentation and dropout, and
 `torch.use_deterministic_algorithms` rules out nondeterministic kernels.
 """
 
@@ -24,26 +27,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from tasks import tracking
-from tasks.build import INIT, build_loss, build_optimizer, load_model
+from tasks import BY_HAND, StepContext, inputs, paths, tracking
+from tasks.core.data import augmentation, loader
+from tasks.core.loops import evaluate, train_one_epoch
+from tasks.core.models import build_loss, build_optimizer
 from tasks.errors import PipelineError, TrainingError
-from tasks.evaluate import evaluate
-from tasks.files import json_text, read_json, require, save_torch, sha256_file, staged
-from tasks.params import PARAMS_FILE, Params
-from tasks.prepare import MANIFEST, TENSORS, load_split
+from tasks.files import json_text, require, save_torch, sha256_file, staged
+from tasks.params import Params
 
-OUT_DIR = Path("models/train")
-BEST = OUT_DIR / "best.pt"
-METRICS = Path("metrics/train.json")
-CURVES = Path("plots/train.csv")
 CURVE_KEYS = ("train/loss", "val/loss", "val/accuracy")
-
-__all__ = ["BEST", "CURVES", "METRICS", "TrainingError", "fit", "run"]
+DATA_ARTIFACTS = (paths.MANIFEST, paths.DATA_REPORT, paths.DATA_COUNTS, paths.DATA_SIZES, paths.DATA_SAMPLES)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -108,21 +105,21 @@ def fit(params: Params, run_id: str) -> dict:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(params.seed)
 
-    n_classes = len(read_json(MANIFEST, made_by="prepare")["classes"])
-    train_x, train_y = load_split("train")
-    val_x, val_y = load_split("val")
-    chance = chance_level(cfg.select_metric, val_y, n_classes)
-    # Convert once: the loader then only slices ready float tensors.
-    loader = DataLoader(
-        TensorDataset(train_x.float(), train_y),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(params.seed),
-        pin_memory=device.type == "cuda",
+    manifest = inputs.manifest()
+    n_classes = len(manifest["classes"])
+    aug = cfg.augment
+    augment = augmentation(manifest["input_shape"][-1], aug.crop_scale, aug.hflip, aug.rotation, aug.color_jitter)
+    train_set = inputs.dataset("train", transform=augment)
+    val_set = inputs.dataset("val")
+    chance = chance_level(cfg.select_metric, torch.from_numpy(np.array(val_set.labels)), n_classes)
+    cuda = device.type == "cuda"
+    train_batches = loader(
+        train_set, cfg.batch_size, shuffle=True, seed=params.seed, workers=cfg.num_workers, pin_memory=cuda
     )
-    model = load_model(params, INIT).to(device)
-    loss_fn = build_loss(cfg)
-    optimizer = build_optimizer(model, cfg)
+    val_batches = loader(val_set, params.evaluate.batch_size, shuffle=False, pin_memory=cuda)
+    model = inputs.model(params, paths.INIT, made_by="build").to(device)
+    loss_fn = build_loss(cfg.label_smoothing)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
 
     history: list[dict[str, float]] = []
     best_value: float | None = None
@@ -130,20 +127,10 @@ def fit(params: Params, run_id: str) -> dict:
     best_state: dict[str, torch.Tensor] = {}
     first_loss: float | None = None
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total = torch.zeros((), device=device)
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            if first_loss is None:  # the untrained model's loss: what divergence is measured against
-                first_loss = loss.item()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * y.shape[0]
-        train_loss = total.item() / len(loader.dataset)
-
-        val = evaluate(model, val_x, val_y, loss_fn, n_classes, device, batch_size=params.evaluate.batch_size)
+        train_loss, epoch_first = train_one_epoch(model, train_batches, loss_fn, optimizer, device)
+        if first_loss is None:  # the untrained model's loss: what divergence is measured against
+            first_loss = epoch_first
+        val = evaluate(model, val_batches, loss_fn, n_classes, device)
         row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"]}
         history.append({"epoch": epoch, **row})
         tracking.log_metrics(run_id, row, step=epoch)
@@ -185,13 +172,13 @@ def gate(params: Params, epoch: int, first_loss: float, train_loss: float, best:
     raise TrainingError(f"{problem}; {suspect(params, first_loss, train_loss, n_classes)}")
 
 
-def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = PARAMS_FILE) -> dict:
-    data_hash = sha256_file(require(TENSORS, made_by="prepare"))
-    run_id = tracking.start_run(params.flat(), tags={"data.sha256": data_hash, **(tags or {})})
+def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
+    data_hash = sha256_file(require(paths.MANIFEST, made_by="prepare"))  # it holds every array's sha256
+    run_id = tracking.start_run(params.flat(), tags={"data.sha256": data_hash, **ctx.tags})
     status = "FAILED"
     try:
-        tracking.log_artifacts(run_id, "data", [MANIFEST])
-        tracking.log_artifacts(run_id, "params", [params_path])
+        tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
+        tracking.log_artifacts(run_id, "params", [ctx.params_path])
         result = fit(params, run_id)
         best = result["history"][result["best_epoch"] - 1]
         metrics = {
@@ -201,7 +188,7 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
         lines = ["epoch," + ",".join(CURVE_KEYS)]
         lines += [f"{h['epoch']}," + ",".join(f"{h[k]:.6f}" for k in CURVE_KEYS) for h in result["history"]]
         # Everything that can fail, MLflow included, happens before the outputs replace the old ones.
-        with staged(BEST, METRICS, CURVES) as (best_tmp, metrics_tmp, curves_tmp):
+        with staged(paths.BEST, paths.TRAIN_METRICS, paths.TRAIN_CURVES) as (best_tmp, metrics_tmp, curves_tmp):
             save_torch(result["best_state"], best_tmp)
             metrics_tmp.write_text(json_text(metrics))
             curves_tmp.write_text("\n".join(lines) + "\n")
@@ -209,7 +196,7 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
             tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
             tracking.log_artifacts(run_id, "plots", [curves_tmp])
             tracking.set_tags(run_id, {tracking.MODEL_TAG: digest})
-            same = BEST.exists() and sha256_file(BEST) == digest
+            same = paths.BEST.exists() and sha256_file(paths.BEST) == digest
             if same and (earlier := tracking.carry_over(run_id, digest)):
                 print(
                     f"train: the same weights as MLflow run {earlier}, so evaluate and export are up to date; "
@@ -229,7 +216,7 @@ def run(params: Params, tags: dict[str, str] | None = None, params_path: Path = 
             _quietly(tracking.end_run, run_id, status)
     metric = params.train.select_metric
     print(f"train: best epoch {result['best_epoch']} on {result['device']}, {metric} {best[metric]:.4f}")
-    return {"best": str(BEST), "run_id": run_id, "best_epoch": result["best_epoch"]}
+    return {"best": str(paths.BEST), "run_id": run_id, "best_epoch": result["best_epoch"]}
 
 
 def _quietly(fn, *args) -> None:

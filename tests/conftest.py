@@ -20,25 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tasks import STAGES, paths
+
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+SOURCES = ["tasks", "flows", "data/raw/README.md", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 # Every file a stage writes: what a failure must leave byte-identical.
-OUTPUTS = [
-    "data/prepared/splits.pt",
-    "data/prepared/manifest.json",
-    "models/build/init.pt",
-    "models/build/summary.json",
-    "models/train/best.pt",
-    "metrics/train.json",
-    "plots/train.csv",
-    "metrics/evaluate.json",
-    "plots/confusion.csv",
-    "plots/confusion.png",
-    "models/export/model_state.pt",
-    "models/export/model.ts",
-    "models/export/model.pt2",
-    "models/export/model.json",
-]
+OUTPUTS = [str(p) for stage in STAGES for p in paths.OUTPUTS[stage]]
 
 # Offline and isolated: no telemetry, no Prefect state in the user's home.
 os.environ.update(
@@ -187,7 +174,7 @@ def immutable(path: Path) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project that has run every step once (3 epochs), with its MLflow store beside it."""
-    from tasks import STAGES, run_stage
+    from tasks import StepContext, run_stage
     from tasks.params import load
 
     tmp = tmp_path_factory.mktemp("trained")
@@ -197,18 +184,23 @@ def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         params = load()
         for stage in STAGES:
-            run_stage(stage, params, Path("params.yaml"), tags={"orchestrator": "cli"})
+            run_stage(stage, params, StepContext(tags={"orchestrator": "cli"}))
     return tmp
+
+
+def clone(template: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of `template`/project (git, DVC cache, outputs) and `template`/mlflow.db, as the working directory."""
+    shutil.copytree(template / "project", dest / "project", symlinks=True)
+    shutil.copy2(template / "mlflow.db", dest / "mlflow.db")
+    uri = f"sqlite:///{dest / 'mlflow.db'}"
+    note = dest / "project/models/train/run.json"  # the copy's note names the copy's store
+    note.write_text(note.read_text().replace(f"sqlite:///{template / 'mlflow.db'}", uri))
+    monkeypatch.chdir(dest / "project")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return dest / "project"
 
 
 @pytest.fixture
 def trained(trained_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the trained project and its MLflow store, as the working directory."""
-    shutil.copytree(trained_template / "project", tmp_path / "project", symlinks=True)
-    shutil.copy2(trained_template / "mlflow.db", tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    note = tmp_path / "project/models/train/run.json"  # the copy's note names the copy's store
-    note.write_text(note.read_text().replace(f"sqlite:///{trained_template / 'mlflow.db'}", uri))
-    monkeypatch.chdir(tmp_path / "project")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return tmp_path / "project"
+    return clone(trained_template, tmp_path, monkeypatch)

@@ -1,7 +1,8 @@
 """The real `dvc repro` in a temporary git repository, on the default params.
 
-The tests share one repository and run in file order: the first repro, then checks on what it
-made, then changes (a bad key, a new epoch count) and what DVC re-runs for them.
+One first repro is shared: the tests that only read it use `repo`; every test that changes
+something (params, commits, MLflow runs) works on its own copy (`changed`), so the tests pass in
+any order and one at a time.
 """
 
 from __future__ import annotations
@@ -18,29 +19,41 @@ import torch
 
 from tasks.files import sha256_file
 from tasks.tracking import tracking_uri
-from tests.conftest import dvc, make_project, set_param, sh
+from tests.conftest import OUTPUTS, clone, dvc, make_project, set_param, sh
 
 pytestmark = pytest.mark.slow
-OUTPUTS = [
-    "data/prepared/splits.pt",
-    "models/build/init.pt",
-    "models/train/best.pt",
-    "metrics/evaluate.json",
-    "plots/confusion.png",
-    "models/export/model.ts",
-    "models/export/model.pt2",
-]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory):
+def first_repro(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("dvc")
     path = make_project(tmp / "project")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         mp.chdir(path)
         first = dvc("repro", cwd=path)
-        yield path, first
+    return tmp, first
+
+
+@pytest.fixture
+def repo(first_repro, monkeypatch: pytest.MonkeyPatch):
+    """The shared first repro, for tests that only look at it."""
+    tmp, first = first_repro
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    monkeypatch.chdir(tmp / "project")
+    return tmp / "project", first
+
+
+@pytest.fixture
+def changed(first_repro, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the first repro and its MLflow store, for a test that changes things."""
+    return clone(first_repro[0], tmp_path / "copy", monkeypatch)
+
+
+def prepared_test_images(path: Path) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.load(path / "data/prepared/test-images.npy")).float()
 
 
 def mlflow_runs(path: Path):
@@ -84,11 +97,11 @@ def test_metrics_and_plots_commands_read_the_outputs(repo):
 def test_exports_match_eager_in_a_process_without_project_code(repo, tmp_path):
     """Load each export with torch alone, from an empty folder, and compare with the eager model."""
     path, _ = repo
-    from tasks.build import load_model
+    from tasks import inputs
     from tasks.params import load
 
-    model = load_model(load(path / "params.yaml"), path / "models/export/model_state.pt").eval()
-    x = torch.load(path / "data/prepared/splits.pt", weights_only=True)["test_x"].float()
+    model = inputs.model(load(path / "params.yaml"), path / "models/export/model_state.pt", "export").eval()
+    x = prepared_test_images(path)
     with torch.no_grad():
         expected = model(x)
     torch.save({"x": x}, tmp_path / "x.pt")
@@ -133,7 +146,7 @@ def test_one_mlflow_run_with_params_curves_metrics_lineage_and_model(repo):
 
     mlflow.set_tracking_uri(tracking_uri())
     logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    x = torch.load(path / "data/prepared/splits.pt", weights_only=True)["test_x"].float()
+    x = prepared_test_images(path)
     scripted = torch.jit.load(path / "models/export/model.ts")
     with torch.no_grad():
         assert torch.equal(logged(x).argmax(1), scripted(x).argmax(1))
@@ -154,15 +167,15 @@ def failing_repro(path: Path, old: str, new: str) -> subprocess.CompletedProcess
     return failed
 
 
-def test_misspelt_key_fails_with_one_line_and_keeps_outputs(repo):
-    path, _ = repo
+def test_misspelt_key_fails_with_one_line_and_keeps_outputs(changed):
+    path = changed
     failed = failing_repro(path, "epochs: 30", "epocs: 30")
     assert "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)" in failed.stderr.splitlines()
     assert "up to date" in dvc("status", cwd=path).stdout
 
 
-def test_a_diverging_learning_rate_fails_the_repro_and_keeps_the_good_model(repo):
-    path, _ = repo
+def test_a_diverging_learning_rate_fails_the_repro_and_keeps_the_good_model(changed):
+    path = changed
     failed = failing_repro(path, "lr: 0.003", "lr: 10")
     (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error: ")]
     assert line.startswith("error: train: training diverged at epoch 1: train/loss ")
@@ -264,8 +277,8 @@ def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_p
     assert marker.exists()
 
 
-def test_changing_the_learning_rate_reruns_train_and_after_only(repo):
-    path, _ = repo
+def test_changing_the_learning_rate_reruns_train_and_after_only(changed):
+    path = changed
     sh("git", "add", "-A", cwd=path)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=path)
     set_param(path, "lr: 0.003", "lr: 0.004")
@@ -283,9 +296,9 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(repo):
     assert finished[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
 
 
-def test_more_epochs_that_keep_the_same_best_weights_link_the_earlier_results(repo):
+def test_more_epochs_that_keep_the_same_best_weights_link_the_earlier_results(changed):
     """Same weights, so DVC skips evaluate and export; the new MLflow run still shows the test results."""
-    path, _ = repo
+    path = changed
     best_epoch = json.loads((path / "metrics/train.json").read_text())["best_epoch"]
     assert best_epoch < 30  # what makes a 31st epoch unable to change the kept weights
     set_param(path, "epochs: 30", "epochs: 31")

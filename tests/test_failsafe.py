@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import build, evaluate, export, prepare, tracking, train
+from tasks import build, evaluate, export, paths, prepare, tracking, train
 from tasks.errors import InputError, OutputError, TrackingError, TrainingError
 from tasks.files import process_id, sha256_file, staged
 from tasks.params import load
@@ -126,7 +126,7 @@ def test_the_later_steps_find_the_run_by_the_model_even_when_run_json_is_broken(
     (trained / "models/train/run.json").write_text('{"run_id": "0000", "tracking_uri"')  # invalid JSON
     evaluate.run(load())
     run = runs()[-1]
-    assert run.data.tags[tracking.MODEL_TAG] == sha256_file(train.BEST)
+    assert run.data.tags[tracking.MODEL_TAG] == sha256_file(paths.BEST)
     assert "test/accuracy" in run.data.metrics
 
 
@@ -246,7 +246,7 @@ def break_file(path: Path, how: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("stage", "file", "made_by", "how", "expected"),
     [
-        ("train", "data/prepared/splits.pt", "prepare", "truncate", "is unreadable (corrupt or truncated: "),
+        ("train", "data/prepared/train-images.npy", "prepare", "truncate", "is unreadable (corrupt or truncated: "),
         ("evaluate", "models/train/best.pt", "train", "random", "is unreadable (corrupt or truncated: "),
         ("build", "data/prepared/manifest.json", "prepare", "json", "is unreadable (not valid JSON: "),
         ("train", "models/build/init.pt", "build", "pickle", "is unreadable (it holds objects other than tensors"),

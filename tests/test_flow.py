@@ -152,7 +152,7 @@ def test_the_flow_is_refused_with_one_line_when_dvc_holds_the_checkout(prefect_a
         "error: another process is working in this checkout (a `dvc repro`, a pipeline flow or a stage holds "
         "DVC's lock, .dvc/tmp/lock); wait for it to finish, then run again"
     )
-    assert not (project / "data/prepared/splits.pt").exists()
+    assert not (project / "data/prepared/manifest.json").exists()
     assert not (project / "mlflow.db").exists() and not list(project.parent.glob("mlflow.db"))
 
 

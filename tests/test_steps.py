@@ -8,38 +8,44 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import build, evaluate, export, prepare, tracking, train
+from tasks import build, evaluate, export, inputs, paths, prepare, tracking, train
+from tasks.core.models import build_optimizer
+from tasks.errors import DataError
 from tasks.files import read_json, sha256_file
 from tasks.params import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(paths.images(split)), np.load(paths.labels(split))
+
+
 def test_prepare_splits_stratified_disjoint_and_seeded(project):
     params = load()
     prepare.run(params)
-    manifest = read_json(prepare.MANIFEST, "prepare")
-    tensors = torch.load(prepare.TENSORS, weights_only=True)
+    manifest = read_json(paths.MANIFEST, "prepare")
+    x = {s: arrays(s)[0] for s in paths.SPLITS}
 
     assert manifest["sizes"] == {"train": 1257, "val": 270, "test": 270}
-    assert tensors["train_x"].dtype == torch.uint8 and list(tensors["train_x"].shape[1:]) == [1, 8, 8]
+    assert x["train"].dtype == np.uint8 and list(x["train"].shape[1:]) == [1, 8, 8] == manifest["input_shape"]
     # Stratified: every class has its share (about 15 %) of the test split, give or take one image.
-    totals = {c: sum(manifest["counts"][s][c] for s in prepare.SPLITS) for c in manifest["classes"]}
+    totals = {c: sum(manifest["counts"][s][c] for s in paths.SPLITS) for c in manifest["classes"]}
     for c, n in manifest["counts"]["test"].items():
         assert abs(n - 0.15 * totals[c]) <= 1
     # Disjoint: no image appears in two splits (digits has no exact duplicates across these).
-    rows = {s: {bytes(x.numpy()) for x in tensors[f"{s}_x"]} for s in prepare.SPLITS}
+    rows = {s: {bytes(image) for image in x[s]} for s in paths.SPLITS}
     assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"] and not rows["train"] & rows["val"]
     # Normalisation statistics come from the train split alone.
-    train_scaled = tensors["train_x"].double() / 16
+    train_scaled = torch.from_numpy(x["train"]).double() / 16
     assert manifest["normalisation"]["mean"][0] == pytest.approx(train_scaled.mean().item(), abs=1e-7)
     assert manifest["normalisation"]["std"][0] == pytest.approx(train_scaled.std().item(), abs=1e-7)
 
     first = manifest["sha256"]
     prepare.run(params)
-    assert read_json(prepare.MANIFEST, "prepare")["sha256"] == first
+    assert read_json(paths.MANIFEST, "prepare")["sha256"] == first
     prepare.run(load(overrides=["seed=7"]))
-    assert read_json(prepare.MANIFEST, "prepare")["sha256"]["test_y"] != first["test_y"]
+    assert read_json(paths.MANIFEST, "prepare")["sha256"]["test-labels.npy"] != first["test-labels.npy"]
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -47,22 +53,34 @@ def test_build_makes_a_seeded_model_that_takes_raw_pixels(project, model):
     params = load(overrides=[f"build.model={model}"])
     prepare.run(params)
     summary = build.run(params)
-    net = build.load_model(params, build.INIT)
+    net = inputs.model(params, paths.INIT, made_by="build")
     assert summary["parameters"] == sum(p.numel() for p in net.parameters())
     assert net(torch.full((4, 1, 8, 8), 16.0)).shape == (4, 10)
     # Raw pixels are standardised inside the model: train images come out with mean 0, std 1.
-    x = prepare.load_split("train")[0].float()
-    z = net[0](x)
+    z = net[0](torch.from_numpy(arrays("train")[0]).float())
     assert z.mean().item() == pytest.approx(0, abs=1e-4) and z.std().item() == pytest.approx(1, abs=1e-3)
-    before = sha256_file(build.INIT)
+    before = sha256_file(paths.INIT)
     build.run(params)
-    assert sha256_file(build.INIT) == before
+    assert sha256_file(paths.INIT) == before
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels"), [((1, 8, 8), [32, 64]), ((3, 32, 32), [16, 32]), ((3, 64, 48), [16, 32, 64])]
+)
+def test_the_cnn_adapts_to_channels_and_image_size(shape, channels):
+    from tasks.core.models import build_model
+
+    norm = {"scale": 1 / 255, "mean": [0.5] * shape[0], "std": [0.25] * shape[0]}
+    net = build_model("cnn", list(shape), 5, norm, channels=channels, hidden=[8], dropout=0.0)
+    assert net(torch.zeros(2, *shape)).shape == (2, 5)
+    # The classifier sees at most 4x4 positions per channel, whatever the image size.
+    assert net[1][-1].in_features <= channels[-1] * 16
 
 
 def test_a_split_too_small_for_every_class_is_a_data_error(project):
-    with pytest.raises(prepare.DataError, match="cannot split 1797 images stratified"):
+    with pytest.raises(DataError, match="cannot split 1797 images stratified"):
         prepare.run(load(overrides=["prepare.test_fraction=0.004"]))
-    assert not prepare.TENSORS.exists()
+    assert not paths.MANIFEST.exists()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -70,7 +88,8 @@ def test_optimizers_are_built_with_their_hyperparameters(optimizer):
     params = load(
         ROOT / "params.yaml", overrides=[f"train.optimizer={optimizer}", "train.lr=0.02", "train.weight_decay=0.001"]
     )
-    opt = build.build_optimizer(torch.nn.Linear(2, 2), params.train)
+    cfg = params.train
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.001
     assert type(opt).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[optimizer]
     if optimizer == "sgd":
@@ -82,17 +101,17 @@ def test_training_learns_and_is_byte_reproducible(project):
     prepare.run(params)
     build.run(params)
     first = train.run(params)
-    weights = sha256_file(train.BEST)
-    metrics = read_json(train.METRICS, "train")
+    weights = sha256_file(paths.BEST)
+    metrics = read_json(paths.TRAIN_METRICS, "train")
     assert metrics["val"]["accuracy"] > 0.85  # 3 epochs are plenty to learn digits
     assert 1 <= metrics["best_epoch"] <= 3
 
     second = train.run(params)
-    assert sha256_file(train.BEST) == weights
+    assert sha256_file(paths.BEST) == weights
     assert second["run_id"] != first["run_id"]  # a new MLflow run per training
 
     train.run(load(overrides=["seed=1"]))
-    assert sha256_file(train.BEST) != weights
+    assert sha256_file(paths.BEST) != weights
 
 
 def test_curves_have_one_row_per_epoch(project):
@@ -100,7 +119,7 @@ def test_curves_have_one_row_per_epoch(project):
     prepare.run(params)
     build.run(params)
     train.run(params)
-    lines = train.CURVES.read_text().splitlines()
+    lines = paths.TRAIN_CURVES.read_text().splitlines()
     assert lines[0] == "epoch,train/loss,val/loss,val/accuracy"
     losses = [float(line.split(",")[1]) for line in lines[1:]]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -110,16 +129,16 @@ def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatc
     params = load()
     for step in (prepare, build, train, evaluate, export):
         step.run(params)
-    files = (export.STATE, export.TORCHSCRIPT, export.EXPORTED, export.INFO)
+    files = paths.OUTPUTS["export"]
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns, sha256_file(p)) for p in files}
-    assert read_json(export.INFO, "export")["check"]["max_abs_diff"] == {"torchscript": 0.0, "torch_export": 0.0}
+    assert read_json(paths.EXPORT_INFO, "export")["check"]["max_abs_diff"] == {"torchscript": 0.0, "torch_export": 0.0}
 
     monkeypatch.setattr(export, "check_in_fresh_process", lambda *a: {"torchscript": 0.0, "torch_export": 0.5})
     with pytest.raises(export.ExportError, match="torch_export"):
         export.run(params)
     # Not rewritten at all: same inode, same modification time, same bytes.
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns, sha256_file(p)) for p in files} == before
-    assert not [p for p in export.OUT_DIR.iterdir() if ".tmp" in p.name]
+    assert not [p for p in paths.EXPORT_INFO.parent.iterdir() if ".tmp" in p.name]
     # Nor was anything logged: the two models of the first export are all there is.
     c = tracking.client()
     logged = c.search_logged_models([c.get_experiment_by_name("pipeline").experiment_id])
@@ -138,4 +157,4 @@ def test_trains_on_cuda(project):
     prepare.run(params)
     build.run(params)
     assert train.run(params)["best_epoch"] == 1
-    assert np.isfinite(read_json(train.METRICS, "train")["val"]["loss"])
+    assert np.isfinite(read_json(paths.TRAIN_METRICS, "train")["val"]["loss"])

@@ -1,0 +1,339 @@
+"""Raw data: what each source holds, and decoding every image once into a fixed size and channels.
+
+Three kinds of source:
+
+- `digits`: scikit-learn's handwritten digits, shipped with the package (8x8, values 0-16).
+- `mnist`, `fashion_mnist`: torchvision's readers of the IDX files under `<root>/MNIST/raw/`
+  (or `FashionMNIST/raw/`); torchvision downloads them only when asked to.
+- `imagefolder`: torchvision's `ImageFolder` layout, `<root>/<class>/<image>`, or the same under
+  `<root>/train`, `<root>/val` and `<root>/test` for splits made by the user.
+
+Images are decoded with Pillow (any format it reads), turned upright by their EXIF orientation,
+converted to grey or RGB (palette, RGBA, 16-bit, CMYK and greyscale included) and resized with
+torchvision's antialiased resize on uint8 tensors. A file that cannot be used gets a reason,
+never an exception: the caller decides whether that stops the run or leaves the file out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.errors import DataError
+
+SPLITS = ("train", "val", "test")
+IGNORED = {"Thumbs.db", "desktop.ini"}  # besides hidden files (".DS_Store", "._photo.jpg")
+SIGNATURES = {  # how image files begin: to tell a damaged image from a file that is no image at all
+    b"\x89PNG": "PNG",
+    b"\xff\xd8": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "WebP",
+}
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass
+class Arrays:
+    """A source that is already arrays: images (N, C, H, W) uint8, labels (N,), and where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    max_value: int
+    split: list[str] | None = None  # given splits ("train"/"test"), or None: the pipeline splits
+
+
+@dataclass
+class Folder:
+    """An image folder, scanned: one entry per file to decode, and the problems found on the way."""
+
+    root: Path
+    classes: list[str]
+    files: list[str] = field(default_factory=list)  # relative to root, posix
+    labels: list[int] = field(default_factory=list)
+    split: list[str] | None = None
+    problems: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+    empty_classes: list[str] = field(default_factory=list)
+
+
+def digits() -> Arrays:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = data.images[:, None, :, :]
+    if not np.array_equal(images, np.round(images)) or images.min() < 0 or images.max() > 16:
+        raise DataError("scikit-learn's digits are not whole numbers in 0..16: is scikit-learn damaged?")
+    return Arrays(images.astype(np.uint8), data.target.astype(np.int64), [str(n) for n in data.target_names], 16)
+
+
+def mnist(root: Path, fashion: bool, download: bool) -> Arrays:
+    """MNIST or FashionMNIST from their IDX files: the given train set (split later into train and val) and test."""
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    kind = FashionMNIST if fashion else MNIST
+    raw = root / kind.__name__ / "raw"
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing and not download:
+        have_gz = all((raw / f"{name}.gz").is_file() for name in missing)
+        hint = f"unpack them there (gunzip {raw}/*.gz)" if have_gz else f"place the four IDX files in {raw}/"
+        raise DataError(
+            f"prepare.dataset is '{'fashion_mnist' if fashion else 'mnist'}' but {raw} lacks "
+            f"{', '.join(missing)}: {hint}, or set prepare.download: true to let torchvision fetch them"
+        )
+    parts = []
+    for train in (True, False):
+        try:
+            ds = kind(str(root), train=train, download=download)
+        except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"cannot read the {kind.__name__} files in {raw}: {first[:200]}") from None
+        parts.append((ds.data.numpy(), ds.targets.numpy().astype(np.int64), "train" if train else "test"))
+    images = np.concatenate([p[0] for p in parts])[:, None, :, :]
+    labels = np.concatenate([p[1] for p in parts])
+    split = [name for p in parts for name in [p[2]] * len(p[1])]
+    return Arrays(np.ascontiguousarray(images), labels, list(kind.classes), 255, split)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name))
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every non-hidden file under `folder`, in sorted order; symlinked folders are not followed."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in sorted(filenames):
+            if not _hidden(name):
+                yield Path(dirpath) / name
+
+
+def scan_folder(root: Path) -> Folder:
+    """The files of an image folder with their class (and split, when given), and what is wrong on the way."""
+    if not root.is_dir():
+        raise DataError(
+            f"prepare.root {root} is not a folder: put the images in {root}/<class>/<image>, "
+            f"or point prepare.root at where they are"
+        )
+    top = _class_folders(root)
+    given = [s for s in SPLITS if s in top]
+    if given and set(top) - set(SPLITS):
+        others = ", ".join(sorted(set(top) - set(SPLITS)))
+        raise DataError(
+            f"{root} mixes split folders ({', '.join(given)}) with class folders ({others}): "
+            "use either <root>/<class>/ or <root>/train|val|test/<class>/"
+        )
+    if given and given != list(SPLITS):
+        lacking = [s for s in SPLITS if s not in given]
+        raise DataError(
+            f"{root} has {', '.join(f'{s}/' for s in given)} but no {', '.join(f'{s}/' for s in lacking)}: "
+            "splits made by hand need all three folders; or put the class folders directly in the root"
+        )
+    if given:
+        classes = _class_folders(root / "train")
+        extra = sorted({c for s in ("val", "test") for c in _class_folders(root / s)} - set(classes))
+        if extra:
+            raise DataError(f"{root}: classes {extra} are in val/ or test/ but not in train/, so cannot be learnt")
+    else:
+        classes = top
+    if not classes:
+        raise DataError(f"{root} has no class folders: expected {root}/<class>/<image> (folder names are classes)")
+
+    found = Folder(root, classes, split=[] if given else None)
+    real_root = root.resolve()
+    for split in given or [None]:
+        base = root / split if split else root
+        for label, name in enumerate(classes):
+            if not (base / name).is_dir():
+                continue
+            count = 0
+            for path in _walk(base / name):
+                rel = path.relative_to(root).as_posix()
+                count += 1
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.exists():
+                        found.problems[rel] = f"broken symlink (to {os.readlink(path)})"
+                        continue
+                    if not target.is_relative_to(real_root):
+                        found.problems[rel] = f"symlink pointing outside the data root (to {target})"
+                        continue
+                found.files.append(rel)
+                found.labels.append(label)
+                if found.split is not None:
+                    found.split.append(split)
+            if count == 0 and split in (None, "train"):
+                found.empty_classes.append(name)
+    return found
+
+
+@dataclass
+class Decoded:
+    """One file's result: the image, or the reason it cannot be used."""
+
+    image: np.ndarray | None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    reason: str = ""
+
+
+def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> torch.Tensor:
+    """A uint8 (C, H, W) or (N, C, H, W) tensor with `channels` channels and `size` x `size` pixels.
+
+    `crop` resizes the shorter side to `size` and cuts the middle; `pad` resizes the longer side
+    and pads with black; `stretch` resizes each side on its own, ignoring the aspect ratio.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[-3] != channels:
+        image = F.rgb_to_grayscale(image) if channels == 1 else image.expand(*image.shape[:-3], 3, -1, -1)
+    h, w = image.shape[-2:]
+    if size is None or (h == size and w == size):
+        return image.contiguous()
+    if policy == "stretch":
+        return F.resize(image, [size, size], antialias=True)
+    if policy == "crop":
+        return F.center_crop(F.resize(image, size, antialias=True), [size, size])
+    scale = size / max(h, w)
+    resized = F.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+    return F.center_crop(resized, [size, size])  # pads with zeros around the smaller image
+
+
+def _to_mode(img, channels: int):
+    """A Pillow image in L or RGB: 16-bit scaled (not clipped) to 8 bits, transparency dropped as torchvision does."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
+        img = Image.fromarray(np.clip(np.round(wide * (255 / top)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what Pillow asks for, instead of a warning
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixels: int) -> Decoded:
+    """Read, check and decode one file; every way it can fail becomes a reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    path = root / rel
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Decoded(None, reason=f"cannot read it ({exc.strerror or exc})")
+    if not data:
+        return Decoded(None, reason="empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice this, before decoding; we refuse at once
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette notes: handled below
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise Image.DecompressionBombError("")
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+                tensor = pil_to_tensor(_to_mode(upright, channels))
+    except Image.DecompressionBombError:
+        w, h = _header_size(data)
+        return Decoded(
+            None,
+            reason=f"{w}x{h} pixels, over prepare.max_image_pixels ({max_pixels:,}): a decompression bomb, "
+            "or an image to shrink first",
+        )
+    except UnidentifiedImageError:
+        kind = next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+        if kind:
+            return Decoded(None, reason=f"corrupt: it starts as a {kind} file, but Pillow cannot read it")
+        return Decoded(None, reason="not an image (Pillow cannot identify it)")
+    except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Decoded(None, reason=f"truncated or corrupt ({first[:120]})")
+    image = fit(tensor, channels, size, policy).numpy()
+    return Decoded(image, width, height, digest)
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:
+        return (0, 0)
+
+
+def _decode_many(args: tuple) -> list[Decoded]:
+    root, rels, channels, size, policy, max_pixels = args
+    torch.set_num_threads(1)  # one process per core already
+    return [decode(root, rel, channels, size, policy, max_pixels) for rel in rels]
+
+
+def decode_folder(
+    folder: Folder,
+    channels: int,
+    size: int,
+    policy: str,
+    max_pixels: int,
+    workers: int,
+    out: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+) -> list[Decoded]:
+    """Decode every file of `folder` into `out[i]` (N, C, size, size), in parallel processes, in order.
+
+    The results come back in the files' order whatever the number of processes, so the same files
+    give the same arrays. What is returned holds no pixels (those are in `out`), only sizes,
+    hashes and reasons.
+    """
+    chunk = 64
+    jobs = [
+        (folder.root, folder.files[i : i + chunk], channels, size, policy, max_pixels)
+        for i in range(0, len(folder.files), chunk)
+    ]
+    results: list[Decoded] = []
+
+    def take(batch: list[Decoded]) -> None:
+        for d in batch:
+            if d.image is not None:
+                out[len(results)] = d.image
+                d.image = None
+            results.append(d)
+        if progress:
+            progress(len(results))
+
+    if workers <= 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            for job in jobs:
+                take(_decode_many(job))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver, not fork: the parent holds torch's thread pools, which a fork would copy broken.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            for batch in pool.map(_decode_many, jobs):
+                take(batch)
+    return results

@@ -1,0 +1,70 @@
+"""Reading earlier stages' outputs back: the manifest, a split's dataset, a model with its weights.
+
+Every reader names the stage that makes the file and says how to get it back when it is missing,
+corrupt or from another version of the pipeline, in one line (an `InputError`, exit code 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks import paths
+from tasks.errors import InputError
+from tasks.files import load_array, load_torch, read_json
+from tasks.params import Params
+
+
+def manifest() -> dict[str, Any]:
+    data = read_json(paths.MANIFEST, made_by="prepare")
+    if not isinstance(data, dict) or "input_shape" not in data or "classes" not in data:
+        raise InputError(
+            f"{paths.MANIFEST} was not made by this version of prepare; make it again with `dvc repro prepare`"
+        )
+    return data
+
+
+def dataset(split: str, transform=None):
+    """The split's `ImageArrays` (memory-mapped), each file checked to be readable first."""
+    from tasks.core.data import ImageArrays
+
+    images = load_array(paths.images(split), "prepare", ndim=4)
+    labels = load_array(paths.labels(split), "prepare", ndim=1)
+    if images.shape[0] != labels.shape[0] or images.dtype != "uint8":
+        raise InputError(
+            f"{paths.images(split)} ({images.dtype} {images.shape}) and {paths.labels(split)} ({labels.shape[0]} "
+            "labels) do not belong together; make them again with `dvc repro prepare`"
+        )
+    return ImageArrays(paths.images(split), paths.labels(split), transform)
+
+
+def build_model(params: Params, data: dict[str, Any]):
+    """The model that `params.build` describes, shaped for the manifest's data, with fresh weights."""
+    from tasks.core.models import build_model as build
+
+    cfg = params.build
+    return build(
+        cfg.model,
+        data["input_shape"],
+        len(data["classes"]),
+        data["normalisation"],
+        channels=cfg.channels,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+    )
+
+
+def model(params: Params, weights: Path, made_by: str):
+    """The model of `params` with the weights saved at `weights` (a state dict)."""
+    state = load_torch(weights, made_by=made_by)
+    net = build_model(params, manifest())
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{weights} does not fit the model that params describe (build.model={params.build.model}; {first[:150]}): "
+            f"it was made with other build params or data; make it again with `dvc repro {made_by}`, "
+            "or do not override build.* for this stage alone"
+        ) from None
+    return net
