@@ -274,3 +274,14 @@ def test_dvc_repro_on_an_image_folder_with_bad_files(tmp_path, monkeypatch):
     for stage in ("prepare", "build", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in again
     assert "Data and pipelines are up to date." in dvc("repro", cwd=path).stdout
+
+
+@pytest.mark.slow
+def test_decoding_in_parallel_processes_gives_the_same_arrays(project):
+    image_folder(project / ROOT_DIR, per_class=60, classes=10)  # 600 images: enough to start processes
+    hashes = []
+    for workers in (1, 2):
+        result = prepare.run(params(f"prepare.workers={workers}"))
+        assert sum(result["sizes"].values()) == 600
+        hashes.append(read_json(paths.MANIFEST, "prepare")["sha256"])
+    assert hashes[0] == hashes[1]

@@ -2,7 +2,8 @@
 
 Each split is one uint8 array of images (N, C, H, W) and one int64 array of labels, in `.npy`
 files opened with `numpy.load(mmap_mode="r")`: the operating system pages in the batches being
-read, so training memory stays flat however large the data grows. A batch is one fancy-index read
+read, so the process's own memory stays flat however large the data grows (the pages read count
+as page cache, which the kernel can drop; `benchmarks/input_path.py` measures both). A batch is one fancy-index read
 of the array (`__getitems__`, which `DataLoader` uses when a dataset has it); augmentation then
 runs per sample on uint8 tensors with `torchvision.transforms.v2`, so each image gets its own
 random crop, flip, rotation and colour change. Models take raw pixels as float32 and normalise
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.core.processes import forkserver_context
 from tasks.errors import DataError
 
 
@@ -150,5 +152,5 @@ def loader(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         collate_fn=_as_batch,
-        multiprocessing_context="forkserver" if workers > 0 else None,
+        multiprocessing_context=forkserver_context() if workers > 0 else None,
     )

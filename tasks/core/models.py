@@ -3,7 +3,7 @@
 Every model starts with a `Normalize` layer holding the train split's statistics, so saved and
 exported models take raw pixels as float32 and nobody has to re-implement the preprocessing. The
 CNN adapts to the data: the manifest's channels and image size (8x8 grey up to photos of a few
-hundred pixels), with an adaptive pooling that caps what reaches the classifier at 4x4 positions.
+hundred pixels), with an average pooling that caps what reaches the classifier at 4x4 positions.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def mlp(in_shape: list[int], n_classes: int, hidden: list[int], dropout: float) 
 def cnn(in_shape: list[int], n_classes: int, channels: list[int], dropout: float) -> nn.Sequential:
     """3x3 conv + ReLU blocks, each halving the image while it is at least 2 pixels wide.
 
-    Larger images end with an adaptive average pool to 4x4, so the classifier's size does not grow
-    with the image; images that are already that small (the 8x8 digits) get no extra layer.
+    Larger images end with an average pool down to at most 4x4, so the classifier's size does not
+    grow with the image; images that are already that small (the 8x8 digits) get no extra layer.
+    A plain `AvgPool2d` with the kernel worked out here, not `AdaptiveAvgPool2d`: the adaptive
+    one's backward pass has no deterministic CUDA kernel, and training must be reproducible.
     """
     layers: list[nn.Module] = []
     c, h, w = in_shape
@@ -53,8 +55,9 @@ def cnn(in_shape: list[int], n_classes: int, channels: list[int], dropout: float
             h, w = h // 2, w // 2
         c = out
     if h > CLASSIFIER_GRID or w > CLASSIFIER_GRID:
-        h, w = min(h, CLASSIFIER_GRID), min(w, CLASSIFIER_GRID)
-        layers.append(nn.AdaptiveAvgPool2d((h, w)))
+        kernel = (math.ceil(h / CLASSIFIER_GRID), math.ceil(w / CLASSIFIER_GRID))
+        layers.append(nn.AvgPool2d(kernel))  # stride = kernel; a remainder of rows or columns is dropped
+        h, w = h // kernel[0], w // kernel[1]
     return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, n_classes))
 
 

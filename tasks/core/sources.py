@@ -329,11 +329,11 @@ def decode_folder(
         finally:
             torch.set_num_threads(threads)
     else:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # forkserver, not fork: the parent holds torch's thread pools, which a fork would copy broken.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        from tasks.core.processes import forkserver_context
+
+        with ProcessPoolExecutor(workers, mp_context=forkserver_context()) as pool:
             for batch in pool.map(_decode_many, jobs):
                 take(batch)
     return results
