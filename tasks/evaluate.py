@@ -19,7 +19,7 @@ from tasks import BY_HAND, StepContext, inputs, paths, tracking
 from tasks.core.data import loader
 from tasks.core.loops import evaluate
 from tasks.core.models import build_loss
-from tasks.files import json_text, staged
+from tasks.files import csv_cell, json_text, staged
 from tasks.params import Params
 
 
@@ -76,7 +76,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         logged[f"test/precision/{c}"] = test["per_class"][c]["precision"]
         logged[f"test/recall/{c}"] = test["per_class"][c]["recall"]
     pairs = zip(result["labels"].tolist(), result["predictions"].tolist(), strict=True)
-    rows = [f"{_csv(classes[a])},{_csv(classes[p])}" for a, p in pairs]
+    rows = [f"{csv_cell(classes[a])},{csv_cell(classes[p])}" for a, p in pairs]
 
     # Logged from the staged files, so a store that fails leaves the previous outputs as they were.
     outputs = (paths.TEST_METRICS, paths.CONFUSION_CSV, paths.CONFUSION_PNG)
@@ -90,7 +90,3 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     n = len(test_set)
     print(f"evaluate: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f} on {n} images")
     return {"metrics": str(paths.TEST_METRICS), "accuracy": test["accuracy"], "f1_macro": test["f1_macro"]}
-
-
-def _csv(text: str) -> str:
-    return f'"{text}"' if any(ch in text for ch in ',"\n') else text

@@ -181,6 +181,11 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def csv_cell(text: str) -> str:
+    """One CSV field, quoted (and its quotes doubled) when it holds a comma, a quote or a line break."""
+    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\r\n') else text
+
+
 def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from tasks import BY_HAND, StepContext, paths
 from tasks.core import sources
-from tasks.core.data import channel_stats, stratified_split
+from tasks.core.data import channel_stats, rows_per_chunk, stratified_split
 from tasks.errors import DataError
-from tasks.files import json_text, sha256_file, staged
+from tasks.files import csv_cell, json_text, sha256_file, staged
 from tasks.params import Params
 
 # With prepare.workers: 0, fewer images than this are decoded in this process: each worker process
@@ -54,7 +54,9 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         staged_path[paths.DATA_REPORT].write_text(json_text(report))
         write_plots(manifest, report, staged_path)
     skipped = len(report["skipped"])
-    note = f"; {skipped} bad files left out, listed in {paths.DATA_REPORT}" if skipped else ""
+    note = (
+        f"; {skipped} bad file{'s' if skipped > 1 else ''} left out, listed in {paths.DATA_REPORT}" if skipped else ""
+    )
     print(
         f"prepare: {manifest['sizes']} images of shape {manifest['input_shape']}, "
         f"{len(manifest['classes'])} classes{note}"
@@ -84,6 +86,7 @@ def load(cfg, scratch: Path) -> dict:
         "classes": arrays.classes,
         "max_value": arrays.max_value,
         "given_split": np.array(arrays.split) if arrays.split else None,
+        "split_by": "source" if arrays.split else "pipeline",  # MNIST: its train and test sets
         "sizes": Counter({(int(w), int(h)): n}),
         "keep": np.ones(n, dtype=bool),
         "bad": {},
@@ -96,11 +99,12 @@ def load_folder(cfg, root: Path, scratch: Path) -> dict:
     found = sources.scan_folder(root)
     channels = cfg.channels or 3
     n = len(found.files)
-    if n == 0:
+    if n == 0 and not found.problems:
         raise DataError(f"{root} holds no image files in its class folders")
     shape = (n, channels, cfg.image_size, cfg.image_size)
     out = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
-    workers = cfg.workers or (1 if n < SERIAL_BELOW else len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers or (1 if n < SERIAL_BELOW else cores)
     results = sources.decode_folder(found, channels, cfg.image_size, cfg.resize, cfg.max_image_pixels, workers, out)
     out.flush()
     bad = dict(found.problems)
@@ -119,14 +123,15 @@ def load_folder(cfg, root: Path, scratch: Path) -> dict:
             continue
         keep[i] = True
         sizes[(result.width, result.height)] += 1
-    for name in found.empty_classes:
-        bad[f"{name}/"] = "empty class folder: no images in it"
+    for folder in found.empty_classes:
+        bad[folder] = "empty class folder: no images in it"
     return {
         "images": out,
         "labels": np.asarray(found.labels, dtype=np.int64),
         "classes": found.classes,
         "max_value": 255,
         "given_split": np.array(found.split) if found.split is not None else None,
+        "split_by": "user" if found.split is not None else "pipeline",
         "sizes": sizes,
         "keep": keep,
         "bad": bad,
@@ -150,7 +155,19 @@ def assemble(cfg, seed: int, data: dict) -> tuple[dict, dict, dict[str, np.ndarr
             f"{'them' if len(bad) > 1 else 'it'}, or set prepare.on_bad_sample: skip to leave such files out "
             "(each is then listed in the data report)"
         )
+    given = data["given_split"]
+    if data["split_by"] == "user":  # a class with nothing to learn from is left out of val and test too
+        trained = np.bincount(labels[keep & (given == "train")], minlength=len(classes))
+        keep = keep & (trained[labels] > 0)
     counts = np.bincount(labels[keep], minlength=len(classes))
+    if data["split_by"] == "pipeline" and (
+        few := [(c, int(k)) for c, k in zip(classes, counts, strict=True) if 0 < k < 3]
+    ):
+        named = ", ".join(f"'{c}' ({k})" for c, k in few)
+        raise DataError(
+            f"classes with fewer than 3 usable images: {named}; a stratified split into train, val and test "
+            "needs at least 3 of each class: add images, or remove the class folder"
+        )
     dropped = [c for c, k in zip(classes, counts, strict=True) if k == 0]
     kept_classes = [c for c, k in zip(classes, counts, strict=True) if k > 0]
     if len(kept_classes) < 2:
@@ -163,11 +180,10 @@ def assemble(cfg, seed: int, data: dict) -> tuple[dict, dict, dict[str, np.ndarr
     new_labels = remap[labels]
 
     index = np.flatnonzero(keep)
-    given = data["given_split"]
-    if given is None:
+    if data["split_by"] == "pipeline":
         inner = stratified_split(new_labels[index], cfg.val_fraction, cfg.test_fraction, seed)
         parts = {s: index[inner[s]] for s in paths.SPLITS}
-    elif set(given.tolist()) == set(paths.SPLITS):
+    elif data["split_by"] == "user":
         parts = {s: index[given[index] == s] for s in paths.SPLITS}
     else:  # MNIST: its train set is split into train and val; its test set stays the test split
         train = index[given[index] == "train"]
@@ -215,8 +231,9 @@ def assemble(cfg, seed: int, data: dict) -> tuple[dict, dict, dict[str, np.ndarr
 
 def write_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray, images_path: Path, labels_path: Path):
     out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(index.size, *images.shape[1:]))
-    for start in range(0, index.size, 4096):
-        out[start : start + 4096] = images[index[start : start + 4096]]
+    step = rows_per_chunk(images)
+    for start in range(0, index.size, step):
+        out[start : start + step] = images[index[start : start + step]]
     out.flush()
     del out
     np.save(labels_path, labels[index].astype(np.int64))
@@ -225,17 +242,13 @@ def write_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray, image
 def write_plots(manifest: dict, report: dict, staged_path: dict[Path, Path]) -> None:
     """Counts per class and split, the original sizes, and a grid of train samples per class."""
     rows = ["class,split,images"]
-    rows += [f"{_csv(c)},{s},{k}" for s in paths.SPLITS for c, k in manifest["counts"][s].items()]
+    rows += [f"{csv_cell(c)},{s},{k}" for s in paths.SPLITS for c, k in manifest["counts"][s].items()]
     staged_path[paths.DATA_COUNTS].write_text("\n".join(rows) + "\n")
     sizes = ["width,height,images"] + [f"{r['width']},{r['height']},{r['images']}" for r in report["original_sizes"]]
     staged_path[paths.DATA_SIZES].write_text("\n".join(sizes) + "\n")
     train_images, train_labels = staged_path[paths.images("train")], staged_path[paths.labels("train")]
     n_classes, max_value = len(manifest["classes"]), manifest["max_value"]
     samples_grid(train_images, train_labels, n_classes, max_value, staged_path[paths.DATA_SAMPLES])
-
-
-def _csv(text: str) -> str:
-    return f'"{text}"' if any(ch in text for ch in ',"\n') else text
 
 
 def samples_grid(images_path: Path, labels_path: Path, n_classes: int, max_value: int, out: Path, per_class: int = 8):

@@ -92,6 +92,8 @@ def test_metrics_and_plots_commands_read_the_outputs(repo):
     dvc("plots", "show", "-o", "dvc_plots", cwd=path)
     html = (path / "dvc_plots/index.html").read_text()
     assert "plots/train.csv" in html and "plots/confusion.csv" in html and "confusion.png" in html
+    for data_plot in ("plots/data/counts.csv", "plots/data/sizes.csv", "plots/data/samples.png"):
+        assert data_plot in html
 
 
 def test_exports_match_eager_in_a_process_without_project_code(repo, tmp_path):

@@ -77,7 +77,7 @@ def test_a_bad_file_stops_prepare_naming_it_or_is_skipped_and_reported(folder, t
     assert [(s["file"], s["reason"][: len(REASONS[kind])]) for s in report()["skipped"]] == [(bad, REASONS[kind])]
     manifest = read_json(paths.MANIFEST, "prepare")
     assert manifest["skipped"] == 1 and sum(manifest["sizes"].values()) == 24
-    assert f"1 bad files left out, listed in {paths.DATA_REPORT}" in capsys.readouterr().out
+    assert f"1 bad file left out, listed in {paths.DATA_REPORT}" in capsys.readouterr().out
 
 
 def test_an_unreadable_file_is_named(folder, tmp_path):
@@ -123,31 +123,72 @@ def test_a_single_class_is_refused(project):
 
 
 def test_image_modes_are_converted_and_hidden_files_ignored(project):
+    from tasks.core.sources import decode
+
     root = project / ROOT_DIR
     image_folder(root, per_class=6, classes=2)
-    grey = np.full((20, 20), 100, dtype=np.uint8)
+    grey = np.full((20, 12), 100, dtype=np.uint8)
     rgb = Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    transparent = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    transparent.info["transparency"] = 0
     variants = {
-        "palette.png": rgb.convert("P"),
+        "palette.png": rgb.convert("P", palette=Image.Palette.ADAPTIVE),
+        "palette-transparent.png": transparent,
         "rgba.png": rgb.convert("RGBA"),
         "grey-alpha.png": rgb.convert("LA"),
         "cmyk.jpg": rgb.convert("CMYK"),
         "grey.png": rgb.convert("L"),
-        "bilevel.png": rgb.convert("1"),
-        "sixteen.png": Image.fromarray(np.full((20, 20), 100 * 257, dtype=np.uint16)),  # 16-bit grey
+        "sixteen.png": Image.fromarray(np.full((20, 12), 100 * 257, dtype=np.uint16)),  # 16-bit grey
+        "thirty-two.tif": Image.fromarray(np.full((20, 12), 100 * 257, dtype=np.int32), "I"),
+        "float.tif": Image.fromarray(np.full((20, 12), 100 / 255, dtype=np.float32), "F"),
     }
     for name, image in variants.items():
-        image.save(root / "0" / name)
+        image.save(root / "0" / name, **({"transparency": 0} if name == "palette-transparent.png" else {}))
+    # Each comes out as grey 100 exactly, in RGB and in grey: 16-bit and float scaled, never clipped.
+    for name in variants:
+        for channels in (3, 1):
+            decoded = decode(root, f"0/{name}", channels, 8, "crop", 10_000)
+            assert decoded.reason == "" and decoded.image.shape == (channels, 8, 8), name
+            assert (decoded.image == 100).all(), (name, channels, np.unique(decoded.image))
     (root / "0" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "1" / "._0007.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
+    (root / "__MACOSX").mkdir()
     prepare.run(params("prepare.channels=3"))
     manifest = read_json(paths.MANIFEST, "prepare")
     assert manifest["skipped"] == 0 and sum(manifest["sizes"].values()) == 12 + len(variants)
-    # The 16-bit image (100 * 257 of 65535) is scaled to 8 bits, not clipped to 255.
-    images = np.concatenate([np.load(paths.images(s)) for s in paths.SPLITS])
-    flat = images.reshape(len(images), -1)
-    assert (flat == 100).all(axis=1).sum() >= 5  # palette, RGBA, LA, grey and 16-bit come out as 100 exactly
-    assert not (flat == 255).all(axis=1).any()
+    assert manifest["classes"] == ["0", "1"]
+
+
+def test_a_thin_strip_and_a_rotated_photo_are_cut_and_turned_right(project):
+    from tasks.core.sources import decode
+
+    root = project / ROOT_DIR
+    (root / "0").mkdir(parents=True)
+    Image.new("RGB", (20_000, 2), (100, 100, 100)).save(root / "0/strip.png")
+    photo = Image.new("RGB", (30, 10), (200, 50, 50))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to show upright
+    photo.save(root / "0/phone.jpg", exif=exif, quality=95)
+    strip = decode(root, "0/strip.png", 3, 16, "crop", 100_000)
+    assert strip.reason == "" and strip.image.shape == (3, 16, 16)  # the centre, not a 160,000 px wide resize
+    turned = decode(root, "0/phone.jpg", 3, 16, "crop", 100_000)
+    assert (turned.width, turned.height) == (10, 30)  # the size as shown, after the EXIF rotation
+
+
+def test_a_symlinked_class_folder_outside_the_root_is_a_bad_input(folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    image_folder(elsewhere, per_class=3, classes=1)
+    (folder / "7").symlink_to(elsewhere / "0")
+    with pytest.raises(DataError, match=r"7/: class folder: symlink pointing outside the data root \(to "):
+        prepare.run(params())
+
+
+def test_a_class_too_small_to_split_is_named(folder):
+    (folder / "9").mkdir()
+    shutil.copy(folder / "0/0000.jpg", folder / "9/only.jpg")
+    (folder / "0/0000.jpg").unlink()
+    with pytest.raises(DataError, match=r"^classes with fewer than 3 usable images: '9' \(1\); a stratified split"):
+        prepare.run(params())
 
 
 def test_folders_split_by_hand_are_used_as_given(project):
@@ -161,6 +202,19 @@ def test_folders_split_by_hand_are_used_as_given(project):
     with pytest.raises(DataError, match=r"test/0/copy.jpg: the same bytes as train/0/0000.jpg \(in train/\)"):
         prepare.run(params())
     (root / "test/0/copy.jpg").unlink()
+    # A class with no train images is left out of val and test too (under skip), never kept with none.
+    shutil.rmtree(root / "train/2")
+    (root / "train/2").mkdir()
+    with pytest.raises(DataError, match=r"^1 bad file in data/raw/digits: train/2/: empty class folder"):
+        prepare.run(params())
+    prepare.run(params("prepare.on_bad_sample=skip"))
+    manifest = read_json(paths.MANIFEST, "prepare")
+    assert manifest["classes"] == ["0", "1"] and manifest["sizes"] == {"train": 20, "val": 6, "test": 8}
+    # An empty val/ is an error, not a val split carved silently out of train/.
+    for images in (root / "val").rglob("*.*"):
+        images.unlink()
+    with pytest.raises(DataError, match=r"the val split is empty: put images in data/raw/digits/val/<class>/"):
+        prepare.run(params("prepare.on_bad_sample=skip"))
     shutil.rmtree(root / "test")
     with pytest.raises(DataError, match=r"has train/, val/ but no test/: splits made by hand need all three folders"):
         prepare.run(params())
@@ -202,10 +256,10 @@ def test_augmentation_with_two_workers_is_byte_reproducible(project):
     prepare.run(load())
     build.run(load())
     weights = []
-    for overrides in (augmented, augmented, augmented[:1]):
+    for overrides in (augmented, augmented, augmented[:2]):
         train.run(load(overrides=overrides))
         weights.append(sha256_file(paths.BEST))
-    assert weights[0] == weights[1]  # same seed, same augmented batches, workers or not
+    assert weights[0] == weights[1]  # same seed, same augmented batches, from two worker processes
     assert weights[0] != weights[2]  # and the augmentation did change what was trained on
 
 

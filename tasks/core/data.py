@@ -11,8 +11,8 @@ them themselves (see `tasks.core.models.Normalize`).
 
 Determinism: shuffling uses the loader's own seeded generator; augmentation draws from torch's
 global generator, which is seeded by the training seed in the main process and, in worker
-processes, by the `DataLoader` from that same generator. Same seed, same batches, with or without
-workers (but not the same batches for a different number of workers).
+processes, by the `DataLoader` from that same generator. Same seed and same `num_workers`, same
+batches; a different number of workers draws the augmentation in another order.
 """
 
 from __future__ import annotations
@@ -45,14 +45,18 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def channel_stats(
-    images: np.ndarray, index: np.ndarray, max_value: int, chunk: int = 4096
-) -> tuple[list[float], list[float]]:
+def rows_per_chunk(images: np.ndarray, budget: int = 32 << 20) -> int:
+    """How many images of this array make about `budget` bytes: chunks sized by bytes, not counts."""
+    return max(1, budget // max(1, int(np.prod(images.shape[1:])) * images.itemsize))
+
+
+def channel_stats(images: np.ndarray, index: np.ndarray, max_value: int) -> tuple[list[float], list[float]]:
     """Mean and standard deviation per channel on the [0, 1] scale of `images[index]`, read in chunks.
 
     The array may be memory-mapped and larger than memory: only one chunk is read at a time.
     """
     n, c = index.size, images.shape[1]
+    chunk = rows_per_chunk(images)  # 32 MB of uint8 at a time: 256 MB as float64
     total = np.zeros(c)
     squares = np.zeros(c)
     for start in range(0, n, chunk):
@@ -62,7 +66,8 @@ def channel_stats(
     count = n * images.shape[2] * images.shape[3]
     mean = total / count
     var = np.maximum(squares - count * mean**2, 0) / max(count - 1, 1)  # unbiased, as torch.std
-    return [float(m) for m in mean], [float(s) for s in np.sqrt(var)]
+    # A channel that never changes has no spread to divide by; one grey level keeps Normalize finite.
+    return [float(m) for m in mean], [max(float(s), 1 / max_value) for s in np.sqrt(var)]
 
 
 def augmentation(size: int, crop_scale: float, hflip: float, rotation: float, color_jitter: float):

@@ -30,7 +30,7 @@ import torch
 from tasks.errors import DataError
 
 SPLITS = ("train", "val", "test")
-IGNORED = {"Thumbs.db", "desktop.ini"}  # besides hidden files (".DS_Store", "._photo.jpg")
+IGNORED = {"Thumbs.db", "desktop.ini", "__MACOSX"}  # besides hidden files (".DS_Store", "._photo.jpg")
 SIGNATURES = {  # how image files begin: to tell a damaged image from a file that is no image at all
     b"\x89PNG": "PNG",
     b"\xff\xd8": "JPEG",
@@ -113,13 +113,37 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name))
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Every non-hidden file under `folder`, in sorted order; symlinked folders are not followed."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+def _walk(folder: Path, problems: dict[str, str], root: Path) -> Iterator[Path]:
+    """Every non-hidden file under `folder`, in sorted order.
+
+    Symlinked subfolders are not followed (they could loop, or lead anywhere): each is a problem,
+    as is a folder that cannot be listed.
+    """
+
+    def unreadable(exc: OSError) -> None:
+        problems[Path(exc.filename).relative_to(root).as_posix() + "/"] = f"cannot read the folder ({exc.strerror})"
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+        here = Path(dirpath)
+        for d in [d for d in dirnames if (here / d).is_symlink() and not _hidden(d)]:
+            problems[(here / d).relative_to(root).as_posix() + "/"] = "a symlinked folder: not followed"
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and not (here / d).is_symlink())
         for name in sorted(filenames):
             if not _hidden(name):
-                yield Path(dirpath) / name
+                yield here / name
+
+
+def _inside(path: Path, real_root: Path) -> str | None:
+    """Why `path` (a symlink, or inside one) cannot be used, or None when it resolves inside the root."""
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"broken symlink (to {os.readlink(path) if path.is_symlink() else path})"
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a folder we may not enter
+        return f"cannot follow the symlink ({getattr(exc, 'strerror', None) or exc})"
+    if not target.is_relative_to(real_root):
+        return f"symlink pointing outside the data root (to {target})"
+    return None
 
 
 def scan_folder(root: Path) -> Folder:
@@ -158,26 +182,29 @@ def scan_folder(root: Path) -> Folder:
     for split in given or [None]:
         base = root / split if split else root
         for label, name in enumerate(classes):
-            if not (base / name).is_dir():
+            folder = base / name
+            rel_folder = folder.relative_to(root).as_posix() + "/"
+            if not folder.is_dir():
+                continue
+            if (folder.is_symlink() or base.is_symlink()) and (why := _inside(folder, real_root)):
+                found.problems[rel_folder] = f"class folder: {why}"
                 continue
             count = 0
-            for path in _walk(base / name):
+            for path in _walk(folder, found.problems, root):
                 rel = path.relative_to(root).as_posix()
                 count += 1
-                if path.is_symlink():
-                    target = path.resolve()
-                    if not target.exists():
-                        found.problems[rel] = f"broken symlink (to {os.readlink(path)})"
-                        continue
-                    if not target.is_relative_to(real_root):
-                        found.problems[rel] = f"symlink pointing outside the data root (to {target})"
-                        continue
+                if path.is_symlink() and (why := _inside(path, real_root)):
+                    found.problems[rel] = why
+                    continue
+                if not path.is_file():
+                    found.problems[rel] = "not a regular file (a pipe, socket or device)"
+                    continue
                 found.files.append(rel)
                 found.labels.append(label)
                 if found.split is not None:
                     found.split.append(split)
-            if count == 0 and split in (None, "train"):
-                found.empty_classes.append(name)
+            if count == 0 and split in (None, "train") and rel_folder not in found.problems:
+                found.empty_classes.append(rel_folder)
     return found
 
 
@@ -207,8 +234,9 @@ def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> to
         return image.contiguous()
     if policy == "stretch":
         return F.resize(image, [size, size], antialias=True)
-    if policy == "crop":
-        return F.center_crop(F.resize(image, size, antialias=True), [size, size])
+    if policy == "crop":  # the central square first: resizing a 1x40000 strip first would make it huge
+        side = min(h, w)
+        return F.resized_crop(image, (h - side) // 2, (w - side) // 2, side, side, [size, size], antialias=True)
     scale = size / max(h, w)
     resized = F.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
     return F.center_crop(resized, [size, size])  # pads with zeros around the smaller image
@@ -218,12 +246,12 @@ def _to_mode(img, channels: int):
     """A Pillow image in L or RGB: 16-bit scaled (not clipped) to 8 bits, transparency dropped as torchvision does."""
     from PIL import Image
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    # One rule per mode, never per image: two files of one data set must not get different scales.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey (older Pillow opens it as "I")
         wide = np.asarray(img, dtype=np.int64)
-        top = 65535 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
-        img = Image.fromarray(np.clip(np.round(wide * (255 / top)), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":  # floating-point grey, taken as 0..1 (the usual convention of float images)
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64) * 255), 0, 255).astype(np.uint8), "L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # what Pillow asks for, instead of a warning
     return img.convert("L" if channels == 1 else "RGB")
@@ -242,6 +270,7 @@ def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixe
     if not data:
         return Decoded(None, reason="empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
+    limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice this, before decoding; we refuse at once
     try:
         with warnings.catch_warnings():
@@ -251,8 +280,12 @@ def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixe
                 if width * height > max_pixels:
                     raise Image.DecompressionBombError("")
                 img.load()
-                upright = ImageOps.exif_transpose(img)
-                tensor = pil_to_tensor(_to_mode(upright, channels))
+                try:
+                    upright = ImageOps.exif_transpose(img)
+                except Exception:  # damaged EXIF data: the pixels are fine, keep them as stored
+                    upright = img
+                width, height = upright.size
+                image = fit(pil_to_tensor(_to_mode(upright, channels)), channels, size, policy).numpy()
     except Image.DecompressionBombError:
         w, h = _header_size(data)
         return Decoded(
@@ -265,22 +298,27 @@ def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixe
         if kind:
             return Decoded(None, reason=f"corrupt: it starts as a {kind} file, but Pillow cannot read it")
         return Decoded(None, reason="not an image (Pillow cannot identify it)")
+    except MemoryError:
+        return Decoded(None, reason="too large to decode in the memory available")
     except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return Decoded(None, reason=f"truncated or corrupt ({first[:120]})")
-    image = fit(tensor, channels, size, policy).numpy()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return Decoded(image, width, height, digest)
 
 
 def _header_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
     except Exception:
         return (0, 0)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _decode_many(args: tuple) -> list[Decoded]:
