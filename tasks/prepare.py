@@ -90,8 +90,6 @@ def load(cfg, scratch: Path) -> dict:
         "sizes": Counter({(int(w), int(h)): n}),
         "keep": np.ones(n, dtype=bool),
         "bad": {},
-        "hashes": None,
-        "files": None,
     }
 
 
@@ -135,7 +133,6 @@ def load_folder(cfg, root: Path, scratch: Path) -> dict:
         "sizes": sizes,
         "keep": keep,
         "bad": bad,
-        "files": found.files,
     }
 
 
