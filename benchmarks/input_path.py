@@ -58,7 +58,7 @@ from torchvision import transforms  # here, so that no timed section (the decode
 
 # Run as a script from the repository root, the project is not installed: make `tasks` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks.core.data import ImageArrays, loader  # noqa: E402
+from tasks.core.data import EpochSampler, ImageArrays, loader  # noqa: E402
 from tasks.core.loops import train_one_epoch  # noqa: E402
 from tasks.core.models import build_model  # noqa: E402
 from tasks.core.sources import Folder, decode_folder, scan_folder  # noqa: E402
@@ -177,7 +177,7 @@ def seed_loader(folder: Folder, size: int, batch_size: int) -> DataLoader:
 
 def project_loader(arrays: Path, batch_size: int) -> DataLoader:
     dataset = ImageArrays(arrays / "images.npy", arrays / "labels.npy", transform=None)
-    return loader(dataset, batch_size, shuffle=True, seed=SEED, workers=0)
+    return loader(dataset, batch_size, EpochSampler(len(dataset), SEED), workers=0)
 
 
 # --- training ------------------------------------------------------------------------------------

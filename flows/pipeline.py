@@ -29,9 +29,11 @@ from typing import Any
 
 from tasks import STAGES, StepContext, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, TrackingError
 from tasks.files import process_alive
 from tasks.params import PARAMS_FILE, ConfigError, check_writable, load, write_overrides
+
+TRAIN_RETRIES = 2  # the train task, after a crash: each retry resumes from the last checkpoint
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,8 +86,27 @@ def step(stage: str, params_path: str, tags: dict[str, str]) -> dict:
     return run_stage(stage, load(path), StepContext(path, tags))
 
 
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a crash (out of memory, a lost device) or a tracking store away for a moment; not a user's mistake.
+
+    A retried train resumes from its last checkpoint, in the same MLflow run.
+    """
+    try:
+        state.result()
+    except TrackingError:
+        return True
+    except PipelineError:
+        return False  # a wrong param, bad data, a diverging run: the same again would fail the same way
+    except Exception:
+        return True
+    return False
+
+
 # One Prefect task per stage, named like the stage. Inputs are paths, so nothing to cache.
 STEP_TASKS = {stage: task(step, name=stage, task_run_name=stage, cache_policy=NO_CACHE) for stage in STAGES}
+STEP_TASKS["train"] = STEP_TASKS["train"].with_options(
+    retries=TRAIN_RETRIES, retry_delay_seconds=[10, 60], retry_condition_fn=worth_retrying
+)
 
 
 def close_crashed_flow_runs() -> None:

@@ -79,9 +79,10 @@ def checkout_lock() -> Iterator[Any]:
 
     `dvc repro` takes the same lock, so whichever comes second is refused with one line instead
     of both training on the same files. Inside a stage that `dvc repro` runs (DVC_STAGE is set)
-    DVC already holds it.
+    DVC already holds it. Under torchrun, rank 0 holds it for all the processes.
     """
-    if not Path(".dvc").is_dir():
+    if not Path(".dvc").is_dir() or os.environ.get("RANK", "0") != "0":
+        # Under torchrun only rank 0 takes the lock: it alone writes; the others would find it taken.
         yield None
         return
     import logging

@@ -59,7 +59,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     run_id = tracking.current_run_id(paths.BEST)
     test_set = inputs.dataset("test")
     loss_fn = build_loss(params.train.label_smoothing)
-    batches = loader(test_set, params.evaluate.batch_size, shuffle=False)
+    batches = loader(test_set, params.evaluate.batch_size)
     result = evaluate(model, batches, loss_fn, len(classes), torch.device("cpu"))
 
     test = {

@@ -24,7 +24,7 @@ def manifest() -> dict[str, Any]:
     return data
 
 
-def dataset(split: str, transform=None):
+def dataset(split: str, transform=None, seed: int = 0):
     """The split's `ImageArrays` (memory-mapped), each file checked to be readable first."""
     from tasks.core.data import ImageArrays
 
@@ -35,14 +35,28 @@ def dataset(split: str, transform=None):
             f"{paths.images(split)} ({images.dtype} {images.shape}) and {paths.labels(split)} ({labels.shape[0]} "
             "labels) do not belong together; make them again with `dvc repro prepare`"
         )
-    return ImageArrays(paths.images(split), paths.labels(split), transform)
+    return ImageArrays(paths.images(split), paths.labels(split), transform, seed)
 
 
-def build_model(params: Params, data: dict[str, Any]):
-    """The model that `params.build` describes, shaped for the manifest's data, with fresh weights."""
+def build_model(params: Params, data: dict[str, Any], pretrained: bool = False):
+    """The model that `params.build` describes, shaped for the manifest's data, with fresh weights.
+
+    `pretrained`: start from the file `build.weights` names (the build step); otherwise the weights
+    are seeded random ones, to be replaced by a saved state dict. `build.freeze_backbone` applies
+    either way: which parameters train is not in a state dict.
+    """
     from tasks.core.models import build_model as build
 
     cfg = params.build
+    weights = None
+    if pretrained and cfg.weights is not None:
+        weights = Path(cfg.weights)
+        if not weights.is_file():
+            raise InputError(
+                f"build.weights: {weights} does not exist (or is not a file); nothing is downloaded: get the "
+                f"weights file with a network (e.g. torchvision.models.get_model_weights('{cfg.model}').DEFAULT.url) "
+                "and point build.weights at it, or set it to null for random weights"
+            )
     return build(
         cfg.model,
         data["input_shape"],
@@ -51,6 +65,8 @@ def build_model(params: Params, data: dict[str, Any]):
         channels=cfg.channels,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
+        weights=weights,
+        freeze_backbone=cfg.freeze_backbone,
     )
 
 

@@ -59,11 +59,27 @@ class Prepare(Section):
         return self
 
 
+TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")
+
+
 class Build(Section):
-    model: Literal["mlp", "cnn"] = "cnn"
+    model: Literal["mlp", "cnn", "resnet18", "mobilenet_v3_small"] = "cnn"
     hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [128]
     channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=4)] = [32, 64]
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weights: str | None = None
+    freeze_backbone: bool = False
+
+    @model_validator(mode="after")
+    def _weights_for_torchvision(self) -> Build:
+        if self.model not in TORCHVISION_MODELS and (self.weights is not None or self.freeze_backbone):
+            raise ValueError(
+                f"weights and freeze_backbone are for the torchvision models ({', '.join(TORCHVISION_MODELS)}), "
+                f"not '{self.model}'"
+            )
+        if self.freeze_backbone and self.weights is None:
+            raise ValueError("freeze_backbone needs weights: a frozen backbone with random weights learns nothing")
+        return self
 
 
 class Augment(Section):
@@ -77,6 +93,25 @@ class Augment(Section):
         return self.crop_scale < 1 or self.hflip > 0 or self.rotation > 0 or self.color_jitter > 0
 
 
+class Schedule(Section):
+    name: Literal["constant", "step", "cosine", "onecycle", "plateau"] = "constant"
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    step_epochs: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 2
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+
+
+class EarlyStopping(Section):
+    patience: Annotated[int, Field(ge=0)] = 0
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Checkpoint(Section):
+    every_steps: Annotated[int, Field(ge=0)] = 0
+    keep: Annotated[int, Field(ge=1, le=1000)] = 2
+
+
 class Train(Section):
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 30
     batch_size: Annotated[int, Field(ge=1)] = 64
@@ -84,13 +119,33 @@ class Train(Section):
     lr: Annotated[float, Field(gt=0, le=10)] = 0.003
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 0.0001
+    decay_norms_and_biases: bool = True
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    schedule: Schedule = Schedule()
+    clip_grad_norm: Annotated[float, Field(ge=0)] = 0.0
+    accumulate: Annotated[int, Field(ge=1, le=1024)] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = True
     select_metric: Literal["val/accuracy", "val/loss"] = "val/accuracy"
+    early_stopping: EarlyStopping = EarlyStopping()
     divergence_factor: Annotated[float, Field(gt=1)] = 10.0
     chance_epochs: Annotated[int, Field(ge=0)] = 3
     augment: Augment = Augment()
+    checkpoint: Checkpoint = Checkpoint()
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> Train:
+        if self.schedule.name == "onecycle" and self.schedule.warmup_epochs:
+            raise ValueError("schedule onecycle warms up by itself: set schedule.warmup_epochs to 0")
+        if self.schedule.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({self.schedule.warmup_epochs:g}) must be below epochs ({self.epochs})"
+            )
+        return self
 
 
 class Evaluate(Section):

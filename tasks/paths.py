@@ -38,6 +38,7 @@ BEST = Path("models/train/best.pt")
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_CURVES = Path("plots/train.csv")
 RUN_NOTE = Path("models/train/run.json")  # which MLflow run made best.pt; local, not a DVC output
+CHECKPOINTS = Path("models/train/checkpoints")  # a folder: the newest train.checkpoint.keep checkpoints
 
 # evaluate
 TEST_METRICS = Path("metrics/evaluate.json")
@@ -53,7 +54,7 @@ EXPORT_INFO = Path("models/export/model.json")
 OUTPUTS = {
     "prepare": (*ARRAYS, MANIFEST, DATA_REPORT, DATA_COUNTS, DATA_SIZES, DATA_SAMPLES),
     "build": (INIT, SUMMARY),
-    "train": (BEST, TRAIN_METRICS, TRAIN_CURVES),
+    "train": (BEST, CHECKPOINTS, TRAIN_METRICS, TRAIN_CURVES),
     "evaluate": (TEST_METRICS, CONFUSION_CSV, CONFUSION_PNG),
     "export": (EXPORT_STATE, TORCHSCRIPT, TORCH_EXPORT, EXPORT_INFO),
 }

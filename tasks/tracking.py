@@ -204,12 +204,48 @@ def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> str:
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, synchronous: bool = True) -> Any:
+    """Log at `step`; with `synchronous=False` return at once, and `wait` on what this returns later."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     with store():
-        client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        return client().log_batch(run_id, metrics=batch, synchronous=synchronous)
+
+
+def wait(operation: Any) -> None:
+    """Block until an asynchronous `log_metrics` is stored; its failure becomes a TrackingError."""
+    if operation is not None:
+        with store():
+            operation.wait()
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    with store():
+        return {m.step for m in client().get_metric_history(run_id, key)}
+
+
+def latest_run_with(tag: str, value: str) -> tuple[str, str] | None:
+    """(id, status) of this checkout's newest run tagged `tag = value` in the current experiment, or None."""
+    checkout = process_tags()["pipeline.checkout"].replace("'", "\\'")
+    with store():
+        runs = client().search_runs(
+            [_experiment_id()],
+            filter_string=f"tags.`{tag}` = '{value}' and tags.`pipeline.checkout` = '{checkout}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+
+
+def reopen_run(run_id: str, tags: dict[str, str]) -> None:
+    """Make an interrupted run RUNNING again, held by this process: a resumed training goes on in it."""
+    check_store(must_exist=True)
+    set_tags(run_id, {**process_tags(), **tags})
+    with store():
+        client().update_run(run_id, status="RUNNING")
+    close_abandoned_runs(_experiment_id())
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:

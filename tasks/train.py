@@ -1,14 +1,22 @@
-"""train: the classic loop, validated every epoch, keeping the best epoch's weights.
+"""train: the classic loop, validated every epoch, checkpointed, resumable, keeping the best epoch's weights.
 
-    python -m tasks train            # or: dvc repro train
+    python -m tasks train                                        # or: dvc repro train
+    torchrun --standalone --nproc_per_node 2 -m tasks train      # data-parallel (DDP) on this machine
 
-Per epoch: `model.train()`, shuffled batches through `zero_grad` / forward / loss /
-`backward` / `step` (`tasks/core/loops.py` `train_one_epoch`), then validation with
-`model.eval()` under `torch.no_grad()` (`evaluate`, the same function that tests the model).
-Batches come from the memory-mapped arrays of `prepare` through a `DataLoader`
-(`train.num_workers` processes, pinned memory on CUDA), with `train.augment` applied per sample
-on the train split only. The weights of the epoch with the best `train.select_metric` are kept
-in `models/train/best.pt`. Runs on CPU, or on CUDA when present (`train.device: auto`).
+Per epoch: `model.train()`, shuffled batches through `zero_grad` / forward / loss / `backward` /
+`step` (`tasks/core/loops.py` `train_one_epoch`, with the recipe's gradient accumulation, mixed
+precision, clipping and learning-rate schedule), then validation under `model.eval()` and
+`torch.no_grad()`. Batches come from the memory-mapped arrays of `prepare` through a `DataLoader`,
+with `train.augment` applied per sample on the train split only. The weights of the epoch with
+the best `train.select_metric` are kept in `models/train/best.pt`; early stopping ends the run
+after `train.early_stopping.patience` epochs without improvement.
+
+Checkpoints: after every epoch (and every `train.checkpoint.every_steps` optimizer steps) the
+whole state goes to `models/train/checkpoints/` (`tasks/core/checkpoint.py`). Run train again,
+after a kill, Ctrl-C, out of memory or a Prefect retry, and it goes on from the newest whole
+checkpoint whose inputs (params that change weights, data, initial weights, device, processes)
+are this run's, in the same MLflow run, and ends with the weights an uninterrupted run would have
+made, byte for byte. Other inputs start a fresh training and say which input changed.
 
 A quality gate stops a run that is going nowhere, with one line naming the epoch, the value and
 the param most likely at fault, before it can replace a good model: a train loss above
@@ -17,23 +25,30 @@ the param most likely at fault, before it can replace a good model: a train loss
 after training and its MLflow logging succeeded, so a stopped, failed or killed run leaves the
 previous ones as they were; Ctrl-C marks the MLflow run KILLED.
 
-Same seed, same params, same machine: byte-identical weights. The seed fixes the initial
-weights (from `build`), the shuffling (a dedicated generator), augmentation and dropout, and
-`torch.use_deterministic_algorithms` rules out nondeterministic kernels.
+Same seed, same params, same machine: byte-identical weights. The seed fixes the initial weights
+(from `build`), the data order and augmentation (functions of seed, epoch and sample), and dropout;
+`train.deterministic` rules out nondeterministic kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
+import random
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tasks import BY_HAND, StepContext, inputs, paths, tracking
-from tasks.core.data import augmentation, loader
-from tasks.core.loops import evaluate, train_one_epoch
+from tasks.core import checkpoint, distributed
+from tasks.core.data import EpochSampler, augmentation, loader
+from tasks.core.loops import EpochState, Recipe, build_schedule, train_one_epoch, validate
 from tasks.core.models import build_loss, build_optimizer
 from tasks.errors import PipelineError, TrainingError
 from tasks.files import json_text, require, save_torch, sha256_file, staged
@@ -41,13 +56,17 @@ from tasks.params import Params
 
 CURVE_KEYS = ("train/loss", "val/loss", "val/accuracy")
 DATA_ARTIFACTS = (paths.MANIFEST, paths.DATA_REPORT, paths.DATA_COUNTS, paths.DATA_SIZES, paths.DATA_SAMPLES)
+RESUME_TAG = "train.resume_key"  # the sha256 of what a checkpoint must match to be resumed
+FREE_PARAMS = ("train.checkpoint.", "train.num_workers")  # they change no weight: a resume may change them
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, me: distributed.World | None = None) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and me is not None and me.size > 1:
+        return torch.device("cuda", me.local_rank)  # one GPU per process
     return torch.device(choice)
 
 
@@ -97,54 +116,228 @@ def suspect(params: Params, first_loss: float, last_loss: float, n_classes: int)
     return "the model fits the train split but not val: check the data and its labels (stage 'prepare')"
 
 
-def fit(params: Params, run_id: str) -> dict:
+def resume_key(params: Params, data_sha256: str, init_sha256: str, device: str, processes: int) -> tuple[str, dict]:
+    """What a checkpoint must match to be resumed: the params that change weights, the data, the start, the code.
+
+    `train.checkpoint` and `train.num_workers` do not change a single weight, so they may differ.
+    """
+    values = {k: v for k, v in params.flat().items() if k.split(".")[0] in ("seed", "build", "train", "evaluate")}
+    for free in [k for k in values if k.startswith(FREE_PARAMS)]:
+        del values[free]
+    code = hashlib.sha256()
+    for file in sorted(Path(__file__).parent.rglob("*.py")):
+        code.update(file.read_bytes())
+    values.update({"data.sha256": data_sha256, "init.sha256": init_sha256, "device": device, "processes": processes})
+    values["code.sha256"] = code.hexdigest()  # any change under tasks/: new code, new training
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), values
+
+
+def why_fresh(old: dict, new: dict) -> str:
+    """The differences between a checkpoint's inputs and this run's, for one line."""
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    names = {
+        "data.sha256": "the prepared data",
+        "init.sha256": "the initial weights (models/build/init.pt)",
+        "code.sha256": "the code under tasks/",
+    }
+    out = [names.get(c.split(" ")[0], c) for c in changed]
+    return ", ".join(out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
+
+
+def make_schedule(cfg, optimizer, steps_per_epoch: int):
+    s = cfg.schedule
+    return build_schedule(
+        optimizer,
+        s.name,
+        cfg.lr,
+        cfg.epochs,
+        steps_per_epoch,
+        s.warmup_epochs,
+        s.step_epochs,
+        s.gamma,
+        s.patience,
+        s.min_lr,
+        maximize=cfg.select_metric.endswith("accuracy"),
+    )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision fp16 needs CUDA (a gradient scaler on GPU); on CPU use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Progress:
+    """A bar per epoch on a terminal (samples/s, loss, time left); nothing when stderr is not one.
+
+    The per-epoch line is printed either way, so CI, Prefect's logs and `dvc repro` show one line
+    per epoch. The loss shown is read at most twice a second: reading it waits for the device.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def wrap(self, batches, total: int, description: str, state: EpochState):
+        if not self.enabled:
+            yield from batches
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=description, unit="img", unit_scale=True, leave=False, file=sys.stderr) as bar:
+            shown = time.monotonic()
+            for x, y in batches:
+                yield x, y
+                bar.update(y.shape[0])
+                if time.monotonic() - shown > 0.5 and state.seen:
+                    bar.set_postfix_str(f"train/loss {state.loss_sum.item() / state.seen:.4f}", refresh=False)
+                    shown = time.monotonic()
+
+
+def fit(params: Params, run: Run, resume: dict | None, key: str, inputs_used: dict) -> dict:
     cfg = params.train
-    device = pick_device(cfg.device)
+    me = distributed.world()
+    device = pick_device(cfg.device, me)
+    distributed.start(device)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-    torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.use_deterministic_algorithms(cfg.deterministic)
     torch.manual_seed(params.seed)
+    random.seed(params.seed)  # not drawn from here, but user code (a custom transform) may; checkpoints hold them
+    np.random.seed(params.seed)
 
     manifest = inputs.manifest()
     n_classes = len(manifest["classes"])
     aug = cfg.augment
     augment = augmentation(manifest["input_shape"][-1], aug.crop_scale, aug.hflip, aug.rotation, aug.color_jitter)
-    train_set = inputs.dataset("train", transform=augment)
+    train_set = inputs.dataset("train", transform=augment, seed=params.seed)
     val_set = inputs.dataset("val")
     chance = chance_level(cfg.select_metric, torch.from_numpy(np.array(val_set.labels)), n_classes)
     cuda = device.type == "cuda"
-    train_batches = loader(
-        train_set, cfg.batch_size, shuffle=True, seed=params.seed, workers=cfg.num_workers, pin_memory=cuda
-    )
-    val_batches = loader(val_set, params.evaluate.batch_size, shuffle=False, pin_memory=cuda)
-    model = inputs.model(params, paths.INIT, made_by="build").to(device)
-    loss_fn = build_loss(cfg.label_smoothing)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    sampler = EpochSampler(len(train_set), params.seed, shuffle=True, rank=me.rank, replicas=me.size)
+    # A last batch of one image is left out: batch normalisation cannot train on a single value per channel.
+    lone = sampler.per_replica % cfg.batch_size == 1 and sampler.per_replica > 1
+    train_batches = loader(train_set, cfg.batch_size, sampler, cfg.num_workers, pin_memory=cuda, drop_last=lone)
+    val_batches = loader(val_set, params.evaluate.batch_size, pin_memory=cuda)
+    n_batches = sampler.per_replica // cfg.batch_size if lone else math.ceil(sampler.per_replica / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.accumulate)
 
-    history: list[dict[str, float]] = []
-    best_value: float | None = None
-    best_epoch = 0
-    best_state: dict[str, torch.Tensor] = {}
-    first_loss: float | None = None
-    for epoch in range(1, cfg.epochs + 1):
-        train_loss, epoch_first = train_one_epoch(model, train_batches, loss_fn, optimizer, device)
-        if first_loss is None:  # the untrained model's loss: what divergence is measured against
-            first_loss = epoch_first
-        val = evaluate(model, val_batches, loss_fn, n_classes, device)
-        row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"]}
-        history.append({"epoch": epoch, **row})
-        tracking.log_metrics(run_id, row, step=epoch)
-        value = row[cfg.select_metric]
-        marker = ""
-        if better(cfg.select_metric, value, best_value):
-            best_value, best_epoch, marker = value, epoch, "  *"
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        print(
-            f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  "
-            f"val/loss {val['loss']:.4f}  val/accuracy {val['accuracy']:.4f}{marker}"
+    model = inputs.model(params, paths.INIT, made_by="build").to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.label_smoothing)
+    optimizer = build_optimizer(
+        model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, decay_norms_and_biases=cfg.decay_norms_and_biases
+    )
+    scheduler, plateau = make_schedule(cfg, optimizer, steps_per_epoch)
+    dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    recipe = Recipe(cfg.accumulate, cfg.clip_grad_norm, dtype, scaler, cfg.channels_last, scheduler)
+
+    net: torch.nn.Module = model
+    if me.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    # What the loop carries from epoch to epoch; a checkpoint holds all of it.
+    done: dict = dict(epoch=0, history=[], best_value=None, best_epoch=0, best_state={}, first_loss=None)
+    done.update(stop_best=None, stale=0, stopped_early=False)  # early stopping's best, and epochs since
+    epoch_state = EpochState()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for part, obj in (("scheduler", scheduler), ("plateau", plateau), ("scaler", scaler)):
+            if obj is not None:
+                obj.load_state_dict(resume[part])
+        done.update(resume["loop"])
+        epoch_state = EpochState(
+            resume["batches"], resume["steps"], resume["loss_sum"], resume["seen"], resume["first"]
         )
-        gate(params, epoch, first_loss, train_loss, best_value, chance, n_classes)
-    return {"history": history, "best_epoch": best_epoch, "best_state": best_state, "device": str(device)}
+        distributed_rng = resume["rng"]
+        checkpoint.set_rng_state(distributed_rng[me.rank] if me.rank < len(distributed_rng) else distributed_rng[0])
+
+    def save(finished: bool = False) -> None:
+        """Every process's RNG state is gathered; rank 0 alone writes."""
+        rng = distributed.gather(checkpoint.rng_state())
+        if not me.main:
+            return
+        state = {
+            "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "plateau": plateau.state_dict() if plateau else None,
+            "scaler": scaler.state_dict() if scaler else None,
+            "loop": done, "rng": rng, "batches": epoch_state.batches, "steps": epoch_state.steps,
+            "loss_sum": epoch_state.loss_sum.detach().cpu(), "seen": epoch_state.seen, "first": epoch_state.first_loss,
+        }  # fmt: skip
+        checkpoint.save(paths.CHECKPOINTS, state, epoch_state.steps, done["epoch"], cfg.checkpoint.keep)
+
+    def every_n_steps(state: EpochState) -> None:
+        if cfg.checkpoint.every_steps and state.steps % cfg.checkpoint.every_steps == 0:
+            save()
+
+    progress = Progress(me.main)
+    metric = cfg.select_metric
+    started, first_epoch = time.monotonic(), done["epoch"] + 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if done["stopped_early"]:
+            break
+        tick = time.monotonic()
+        sampler.set_epoch(epoch, skip=epoch_state.batches * cfg.batch_size)
+        batches = progress.wrap(train_batches, len(sampler), f"epoch {epoch}/{cfg.epochs}", epoch_state)
+        train_one_epoch(net, batches, loss_fn, optimizer, device, n_batches, recipe, epoch_state, every_n_steps)
+        seen = torch.tensor(epoch_state.seen, dtype=torch.float64, device=epoch_state.loss_sum.device)
+        totals = distributed.all_sum(torch.stack([epoch_state.loss_sum, seen]))  # over every process's share
+        train_loss = (totals[0] / totals[1]).item()
+        if done["first_loss"] is None:  # the untrained model's loss: what divergence is measured against
+            done["first_loss"] = epoch_state.first_loss
+        val = validate(net, val_batches, loss_fn, device, recipe)
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"], "train/lr": lr}
+        done["history"].append({"epoch": epoch, **row})
+        value = row[metric]
+        marker = ""
+        if better(metric, value, done["best_value"]):
+            done["best_value"], done["best_epoch"], marker = value, epoch, "  *"
+            done["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if improved(metric, value, done["stop_best"], cfg.early_stopping.min_delta):
+            done["stop_best"], done["stale"] = value, 0
+        else:
+            done["stale"] += 1
+        if plateau is not None and epoch > cfg.schedule.warmup_epochs:
+            plateau.step(value)
+        gate(params, epoch, done["first_loss"], train_loss, done["best_value"], chance, n_classes)
+        patience = cfg.early_stopping.patience
+        done["stopped_early"] = bool(patience) and done["stale"] >= patience and epoch < cfg.epochs
+        done["epoch"] = epoch
+        epoch_state = EpochState(steps=epoch_state.steps)
+        save(finished=done["stopped_early"] or epoch == cfg.epochs)
+        if me.main:
+            run.log_epoch(row, epoch)
+            took = time.monotonic() - tick
+            left = (time.monotonic() - started) / (epoch - first_epoch + 1) * (cfg.epochs - epoch)
+            print(
+                f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  val/loss {val['loss']:.4f}  "
+                f"val/accuracy {val['accuracy']:.4f}{marker or '   '}  lr {lr:.3g}  {took:.1f}s"
+                + (f"  eta {left:.0f}s" if epoch < cfg.epochs else "")
+            )
+        if done["stopped_early"]:
+            print(
+                f"train: early stop after epoch {epoch}: {metric} has not improved by more than "
+                f"{cfg.early_stopping.min_delta:g} for {patience} epochs (train.early_stopping.patience)"
+            )
+    return {**done, "device": str(device)}
+
+
+def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+    """Better than `best` by more than `min_delta`: what resets early stopping's patience."""
+    if best is None:
+        return True
+    return value > best + min_delta if metric.endswith("accuracy") else value < best - min_delta
 
 
 def gate(params: Params, epoch: int, first_loss: float, train_loss: float, best: float, chance: float, n_classes: int):
@@ -172,27 +365,113 @@ def gate(params: Params, epoch: int, first_loss: float, train_loss: float, best:
     raise TrainingError(f"{problem}; {suspect(params, first_loss, train_loss, n_classes)}")
 
 
+class Run:
+    """This training's MLflow run (rank 0 only; None elsewhere). Epoch metrics are sent without waiting."""
+
+    def __init__(self, run_id: str | None, logged: set[int] | None = None) -> None:
+        self.id = run_id
+        self.logged = logged or set()  # epochs the run has already: a resume from an older checkpoint redoes them
+        self.pending: list = []
+
+    def log_epoch(self, row: dict[str, float], epoch: int) -> None:
+        if self.id is not None and epoch not in self.logged:
+            self.pending.append(tracking.log_metrics(self.id, row, step=epoch, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait for every metric sent so far; a failure to store one is a TrackingError here."""
+        while self.pending:
+            tracking.wait(self.pending.pop(0))
+
+
+def latest_checkpoint(key: str, used: dict, main: bool) -> tuple[dict, Path] | None:
+    """The newest whole checkpoint of these very inputs, or None, saying why when one was not used."""
+    say = print if main else (lambda *_: None)
+    found = checkpoint.load_latest(paths.CHECKPOINTS, warn=lambda message: say(f"train: warning: {message}"))
+    if found is None:
+        return None
+    state, path = found
+    if state["key"] != key:
+        changed = why_fresh(state["inputs"], used)
+        say(f"train: starting at epoch 1, not from {path.name}: it was made with other inputs ({changed})")
+        return None
+    return state, path
+
+
+def open_run(
+    params: Params, ctx: StepContext, tags: dict[str, str], found: tuple[dict, Path] | None
+) -> tuple[Run, dict | None]:
+    """Continue the MLflow run that wrote the checkpoint, or start one; return its id and the state to resume."""
+    key = tags[RESUME_TAG]
+    earlier = tracking.latest_run_with(RESUME_TAG, key)
+    state, path = found if found else (None, None)
+    if state is not None and state["done"] and (earlier is None or earlier[1] == "FINISHED"):
+        # A finished training is resumed only to write its outputs, when a kill stopped it after the last epoch.
+        print(f"train: {path.name} ends a finished training; training again from epoch 1")
+        state = None
+    if state is not None and earlier is not None:
+        run_id = earlier[0]
+        tracking.reopen_run(run_id, {**tags, "train.resumed_from": path.name})
+        print(f"train: resuming MLflow run {run_id} from {path} (epoch {state['loop']['epoch']} done)")
+    else:
+        run_id = tracking.start_run(params.flat(), tags=tags)
+        if state is not None:
+            print(
+                f"train: resuming from {path} (epoch {state['loop']['epoch']} done) in a new MLflow run, {run_id}: "
+                f"the run that wrote it is not in {tracking.tracking_uri()}"
+            )
+    if state is None:
+        checkpoint.clear(paths.CHECKPOINTS)
+        return Run(run_id), None
+    # Epochs checkpointed but not logged (a kill between the two, or a new run): log them now, once.
+    logged = tracking.logged_steps(run_id, "train/loss")
+    for row in state["loop"]["history"]:
+        if row["epoch"] not in logged:
+            tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    return Run(run_id, logged | {row["epoch"] for row in state["loop"]["history"]}), state
+
+
 def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
+    me = distributed.world()
     data_hash = sha256_file(require(paths.MANIFEST, made_by="prepare"))  # it holds every array's sha256
-    run_id = tracking.start_run(params.flat(), tags={"data.sha256": data_hash, **ctx.tags})
+    init_hash = sha256_file(require(paths.INIT, made_by="build"))
+    device = pick_device(params.train.device, me)
+    autocast_dtype(params.train.precision, device)  # refused before any run is opened
+    key, used = resume_key(params, data_hash, init_hash, device.type, me.size)
+    found = latest_checkpoint(key, used, me.main)
+    distributed.start(device)
+    run = Run(None)
     status = "FAILED"
     try:
-        tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
-        tracking.log_artifacts(run_id, "params", [ctx.params_path])
-        result = fit(params, run_id)
-        best = result["history"][result["best_epoch"] - 1]
+        state = None
+        if me.main:
+            tags = {"data.sha256": data_hash, RESUME_TAG: key, **ctx.tags}
+            run, state = open_run(params, ctx, tags, found)
+            run_id = run.id
+            tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
+            tracking.log_artifacts(run_id, "params", [ctx.params_path])
+        if distributed.share(state is not None) and state is None:
+            state = found[0]  # the other processes resume from the same file rank 0 chose
+        result = fit(params, run, state, key, used)
+        if not me.main:
+            status = "FINISHED"
+            return {"best": str(paths.BEST), "run_id": None, "best_epoch": result["best_epoch"]}
+        run_id = run.id
+        history = result["history"]
+        best = history[result["best_epoch"] - 1]
         metrics = {
             "best_epoch": result["best_epoch"],
+            "epochs": len(history),
             "val": {"loss": best["val/loss"], "accuracy": best["val/accuracy"]},
         }
         lines = ["epoch," + ",".join(CURVE_KEYS)]
-        lines += [f"{h['epoch']}," + ",".join(f"{h[k]:.6f}" for k in CURVE_KEYS) for h in result["history"]]
+        lines += [f"{h['epoch']}," + ",".join(f"{h[k]:.6f}" for k in CURVE_KEYS) for h in history]
         # Everything that can fail, MLflow included, happens before the outputs replace the old ones.
         with staged(paths.BEST, paths.TRAIN_METRICS, paths.TRAIN_CURVES) as (best_tmp, metrics_tmp, curves_tmp):
             save_torch(result["best_state"], best_tmp)
             metrics_tmp.write_text(json_text(metrics))
             curves_tmp.write_text("\n".join(lines) + "\n")
             digest = sha256_file(best_tmp)
+            run.flush()
             tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
             tracking.log_artifacts(run_id, "plots", [curves_tmp])
             tracking.set_tags(run_id, {tracking.MODEL_TAG: digest})
@@ -206,14 +485,18 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         status = "FINISHED"  # only now: a failed rename above turns the run FAILED again
         tracking.note_run(run_id, digest)
     except BaseException as exc:
+        if run.id is not None:
+            with contextlib.suppress(PipelineError):
+                run.flush()  # what was sent before the failure still belongs to the run
         if isinstance(exc, PipelineError):
-            _quietly(tracking.set_tags, run_id, {"pipeline.error": str(exc)[:5000]})
+            _quietly(tracking.set_tags, run.id, {"pipeline.error": str(exc)[:5000]})
         elif not isinstance(exc, Exception):  # stopped from outside: Ctrl-C, SIGTERM (Prefect's TerminationSignal)
             status = "KILLED"
         raise
     finally:
-        if status != "FINISHED":
-            _quietly(tracking.end_run, run_id, status)
+        if status != "FINISHED" and run.id is not None:
+            _quietly(tracking.end_run, run.id, status)
+        distributed.stop()
     metric = params.train.select_metric
     print(f"train: best epoch {result['best_epoch']} on {result['device']}, {metric} {best[metric]:.4f}")
     return {"best": str(paths.BEST), "run_id": run_id, "best_epoch": result["best_epoch"]}
@@ -221,5 +504,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
 
 def _quietly(fn, *args) -> None:
     """Record a failure in MLflow if the store allows it; the failure itself is what the user must see."""
+    if args and args[0] is None:
+        return
     with contextlib.suppress(PipelineError):
         fn(*args)

@@ -24,8 +24,9 @@ from tasks import STAGES, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["tasks", "flows", "data/raw/README.md", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-# Every file a stage writes: what a failure must leave byte-identical.
-OUTPUTS = [str(p) for stage in STAGES for p in paths.OUTPUTS[stage]]
+# Every file a stage writes: what a failure must leave byte-identical. The checkpoints are the one
+# exception by design: a run writes them as it goes, so that the next run can resume from them.
+OUTPUTS = [str(p) for stage in STAGES for p in paths.OUTPUTS[stage] if p != paths.CHECKPOINTS]
 
 # Offline and isolated: no telemetry, no Prefect state in the user's home.
 os.environ.update(

@@ -7,7 +7,7 @@ RGB, upscaled to a random size and saved as PNG or JPEG in torchvision's ImageFo
 from __future__ import annotations
 
 import io
-import os
+import random
 import struct
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def add_defect(root: Path, kind: str, outside: Path) -> str:
         target.write_bytes(data[: len(data) // 2])
     elif kind == "corrupt":
         data = bytearray(encoded(sample, "PNG"))
-        data[40:200] = os.urandom(160)  # a valid signature and header, then garbage in the pixel data
+        data[40:200] = random.Random(40).randbytes(160)  # a valid signature and header, then fixed garbage
         target.write_bytes(bytes(data))
     elif kind == "not_an_image":
         target = target.with_suffix(".txt")

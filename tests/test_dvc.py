@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import torch
 
 from tasks.files import sha256_file
 from tasks.tracking import tracking_uri
-from tests.conftest import OUTPUTS, clone, dvc, make_project, set_param, sh
+from tests.conftest import OUTPUTS, clone, dvc, make_project, set_param, sh, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -323,3 +324,29 @@ def test_no_telemetry_is_configured():
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1]
     )
     assert proc.stdout.strip() == "true"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_repro_killed_mid_epoch_resumes_to_the_same_weights_in_the_same_run(changed, signum):
+    """Kill `dvc repro` while train is in its 4th epoch; the next `dvc repro` ends where an uninterrupted one does."""
+    uninterrupted = sha256_file(changed / "models/train/best.pt")  # the first repro's, 30 epochs
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = start("-m", "dvc", "repro", "--force", "--single-item", "train", cwd=changed, env=env, session=True)
+    wait_for(proc, "epoch   3/30")
+    os.killpg(proc.pid, signum)  # the whole process group, as a terminal's Ctrl-C or a machine going down
+    proc.communicate(timeout=120)
+    c, runs = mlflow_runs(changed)
+    interrupted = runs[-1]
+    assert interrupted.info.status == ("RUNNING" if signum == signal.SIGKILL else "KILLED")
+    assert sha256_file(changed / "models/train/best.pt") == uninterrupted  # not replaced by a half run
+
+    again = dvc("repro", cwd=changed)
+    assert f"resuming MLflow run {interrupted.info.run_id}" in again.stdout
+    assert "Running stage 'evaluate'" not in again.stdout  # the same weights: nothing after train to redo
+    assert sha256_file(changed / "models/train/best.pt") == uninterrupted
+    c, after = mlflow_runs(changed)
+    assert [r.info.run_id for r in after] == [r.info.run_id for r in runs]  # no new run
+    assert {r.info.status for r in after} == {"FINISHED"}  # and none left RUNNING
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        assert sorted(m.step for m in c.get_metric_history(interrupted.info.run_id, key)) == list(range(1, 31)), key
+    assert "up to date" in dvc("status", cwd=changed).stdout

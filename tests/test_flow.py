@@ -195,3 +195,42 @@ def test_the_local_server_survives_ctrl_c_and_kills_and_runs_left_running_are_cl
         stop = sh(sys.executable, "-m", "flows.server", "--stop", cwd=project, env=env, check=False)
     assert stop.returncode == 0
     assert not (home / "server.pid").exists() and not healthy(api)
+
+
+def test_a_crashed_train_task_is_retried_by_prefect_and_resumes_in_the_same_run(prefect_api, project, monkeypatch):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows import pipeline as flow
+    from tasks import paths, train
+    from tasks.files import sha256_file
+
+    monkeypatch.setitem(flow.STEP_TASKS, "train", flow.STEP_TASKS["train"].with_options(retry_delay_seconds=0))
+    real, calls = train.validate, {"n": 0}
+
+    def crash_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's validation, once: the epoch-1 checkpoint is on disk
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", crash_once)
+    state = flow.pipeline(return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        task_runs = {r.name: r for r in client.read_task_runs(flow_run_filter=flow_run)}
+    assert task_runs["train"].run_count == 2 and task_runs["evaluate"].run_count == 1
+    runs = mlflow_runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["train.resumed_from"].startswith("step-000000020-epoch-0001-")
+    from tasks.tracking import client as mlflow_client
+
+    history = mlflow_client().get_metric_history(runs[0].info.run_id, "val/accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    retried = sha256_file(paths.BEST)
+
+    monkeypatch.setattr(train, "validate", real)
+    assert flow.pipeline(force=True, return_state=True).is_completed()  # an uninterrupted training from scratch
+    assert sha256_file(paths.BEST) == retried
+    assert {r.info.status for r in mlflow_runs()} == {"FINISHED"}

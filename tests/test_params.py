@@ -64,7 +64,7 @@ def test_wrong_type_shows_the_value_and_the_expected_type(tmp_path):
 def test_out_of_range_and_bad_choice(tmp_path):
     assert "train.lr: got -0.1; input should be greater than 0" in error_of(write(tmp_path, "train:\n  lr: -0.1\n"))
     message = error_of(write(tmp_path, "build:\n  model: resnet\n"))
-    assert "build.model: got 'resnet'" in message and "'mlp' or 'cnn'" in message
+    assert "build.model: got 'resnet'" in message and "'resnet18' or 'mobilenet_v3_small'" in message
 
 
 def test_fractions_must_leave_training_data(tmp_path):

@@ -9,19 +9,22 @@ runs per sample on uint8 tensors with `torchvision.transforms.v2`, so each image
 random crop, flip, rotation and colour change. Models take raw pixels as float32 and normalise
 them themselves (see `tasks.core.models.Normalize`).
 
-Determinism: shuffling uses the loader's own seeded generator; augmentation draws from torch's
-global generator, which is seeded by the training seed in the main process and, in worker
-processes, by the `DataLoader` from that same generator. Same seed and same `num_workers`, same
-batches; a different number of workers draws the augmentation in another order.
+Determinism, and why it makes resuming exact: an epoch's order is a function of (seed, epoch)
+alone (`EpochSampler`, as `DistributedSampler` does), and each sample's augmentation is drawn
+from a generator seeded with (seed, epoch, index). Nothing about the data depends on what ran
+before, on the number of `DataLoader` workers or on how many processes share the epoch, so a
+run resumed at epoch 7 (or at batch 120 of it) sees exactly the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks.core.processes import forkserver_context
 from tasks.errors import DataError
@@ -86,11 +89,55 @@ def augmentation(size: int, crop_scale: float, hflip: float, rotation: float, co
     return v2.Compose(steps) if steps else None
 
 
-class ImageArrays(Dataset):
-    """Images and labels of one split, from memory-mapped `.npy` files, as uint8 (C, H, W) tensors."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One 63-bit seed per (run seed, epoch, sample): the augmentation of a sample is fixed by them alone."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, images: Path, labels: Path, transform=None) -> None:
+
+class EpochSampler(Sampler):
+    """This process's share of an epoch, as `(epoch, index)` pairs, in an order fixed by (seed, epoch).
+
+    Like `DistributedSampler`: with `replicas` processes, each takes every `replicas`-th sample of
+    the epoch's permutation, the permutation padded with its own start so that all get as many
+    (DDP needs equal batch counts). `set_epoch(epoch, skip)` picks the epoch and leaves out its
+    first `skip` samples of this process: what a resume from the middle of an epoch needs.
+    The epoch travels with each index so that the dataset seeds that sample's augmentation.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, replicas: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.replicas = n, seed, shuffle, rank, replicas
+        self.per_replica = math.ceil(n / replicas)
+        self.epoch, self.skip = 1, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_replica * self.replicas
+        order += order[: total - self.n]  # pad by wrapping around: every process gets as many
+        mine = order[self.rank : total : self.replicas]
+        return ((self.epoch, i) for i in mine[self.skip :])
+
+    def __len__(self) -> int:
+        return self.per_replica - self.skip
+
+
+class ImageArrays(Dataset):
+    """Images and labels of one split, from memory-mapped `.npy` files, as uint8 (C, H, W) tensors.
+
+    Indices are plain ints, or `(epoch, index)` pairs from `EpochSampler`: then each sample's
+    augmentation is drawn from its own generator state, seeded by (seed, epoch, index), inside
+    `fork_rng` so that torch's global generator (dropout) is left as it was.
+    """
+
+    def __init__(self, images: Path, labels: Path, transform=None, seed: int = 0) -> None:
         self.images_path, self.labels_path, self.transform = Path(images), Path(labels), transform
+        self.seed = seed
         self._images: np.ndarray | None = None
         self._labels = np.load(self.labels_path, mmap_mode="r")
         shape = np.load(self.images_path, mmap_mode="r").shape
@@ -123,13 +170,20 @@ class ImageArrays(Dataset):
         x, y = self.__getitems__([i])
         return x[0], int(y[0])
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch with one read of the mapped array, in the order asked for."""
-        index = np.asarray(indices, dtype=np.int64)
+        pairs = bool(indices) and isinstance(indices[0], tuple)
+        index = np.asarray([i for _, i in indices] if pairs else indices, dtype=np.int64)
         x = torch.from_numpy(np.ascontiguousarray(self.images[index]))
         y = torch.from_numpy(np.asarray(self._labels[index], dtype=np.int64))
         if self.transform is not None:
-            x = torch.stack([self.transform(sample) for sample in x])
+            epochs = [e for e, _ in indices] if pairs else [0] * len(indices)
+            with torch.random.fork_rng(devices=[]):
+                out = []
+                for sample, epoch, i in zip(x, epochs, index.tolist(), strict=True):
+                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+                    out.append(self.transform(sample))
+            x = torch.stack(out)
         return x, y
 
 
@@ -140,19 +194,20 @@ def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
 def loader(
     dataset: ImageArrays,
     batch_size: int,
-    shuffle: bool,
-    seed: int = 0,
+    sampler: EpochSampler | None = None,
     workers: int = 0,
     pin_memory: bool = False,
+    drop_last: bool = False,
 ) -> DataLoader:
-    """A `DataLoader` over whole batches: seeded shuffling, workers that live across epochs."""
+    """A `DataLoader` over whole batches, in `sampler`'s order (else in file order), workers living across epochs."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        # Its own generator even unshuffled: each new iterator draws a seed from it, and drawing from
-        # torch's global generator instead would change the dropout of the epochs that follow.
-        generator=torch.Generator().manual_seed(seed),
+        sampler=sampler,
+        drop_last=drop_last,
+        # Its own generator: each new iterator draws a seed from it, and drawing from torch's global
+        # generator instead would change the dropout of the epochs that follow.
+        generator=torch.Generator().manual_seed(0),
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,

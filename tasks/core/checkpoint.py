@@ -1,0 +1,124 @@
+"""Checkpoints: everything a killed training needs to go on exactly where it stopped.
+
+A checkpoint is one file, `step-<optimizer steps>-epoch-<epoch>-<sha256 prefix>.pt`, written by
+`torch.save` to a temporary file, flushed to disk and renamed into place: a kill leaves either the
+whole file or none. Its name carries the first 16 hex digits of its own sha256, so a file that was
+cut short or changed on disk is told apart from a good one before anything is unpickled, and the
+previous checkpoint is used instead. It holds tensors and plain values only (`torch.load` with
+`weights_only=True` reads it): the model, optimizer, scheduler and gradient-scaler states, the
+counters, every random generator's state (torch, CUDA, Python, numpy) of every process, the best
+weights so far, the history of the epochs done, and what produced it.
+
+The data order and the augmentation need no saved state: they are functions of the seed, the
+epoch and the sample (`tasks.core.data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = 1
+NAME = re.compile(r"step-(\d+)-epoch-(\d+)-([0-9a-f]{16})\.pt")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator this process draws from, as tensors and plain values."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "python": [version, list(mt), gauss_next],
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _entries(folder: Path) -> list[tuple[int, int, str, Path]]:
+    """(steps, epoch, sha256 prefix, path) of every checkpoint file, oldest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = NAME.fullmatch(name)
+        if match:
+            found.append((int(match[1]), int(match[2]), match[3], folder / name))
+    return sorted(found)
+
+
+def save(folder: Path, state: dict[str, Any], steps: int, epoch: int, keep: int) -> Path:
+    """Write `state` atomically as the newest checkpoint; keep the newest `keep`; return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = folder / f"step-{steps:09d}-epoch-{epoch:04d}-{digest}.pt"
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    for *_, old in _entries(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that is whole and readable, or None; each bad newer one is named to `warn`."""
+    for _, _, digest, path in reversed(_entries(folder)):
+        try:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest()[:16] != digest:
+                raise ValueError("its content does not match the sha256 in its name: cut short or changed on disk")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise ValueError("it was not written by this version of train")
+        except Exception as exc:  # any unreadable file: fall back to the one before
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            warn(f"checkpoint {path} is unusable ({reason}); trying the one before it")
+            continue
+        return state, path
+    return None
+
+
+def clear(folder: Path) -> None:
+    """Remove every checkpoint (and temporary file) in `folder`."""
+    for *_, path in _entries(folder):
+        path.unlink(missing_ok=True)
+    for tmp in folder.glob(".step-*.tmp") if folder.is_dir() else []:
+        tmp.unlink(missing_ok=True)
