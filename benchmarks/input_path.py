@@ -205,7 +205,8 @@ def train_rates(batches: DataLoader, size: int, n_classes: int, epochs: int) -> 
     rates, loss = [], float("nan")
     for _ in range(epochs):
         start = time.perf_counter()
-        loss, _ = train_one_epoch(model, batches, loss_fn, optimizer, CPU)
+        state = train_one_epoch(model, batches, loss_fn, optimizer, CPU, len(batches))
+        loss = state.loss_sum.item() / state.seen
         rates.append(len(batches.dataset) / (time.perf_counter() - start))
     return rates, loss
 
@@ -250,7 +251,7 @@ def rss_child(arrays: Path, batch_size: int) -> dict:
     model, optimizer, loss_fn = new_model(size, n_classes)
     setup = status_kib("VmHWM")["VmHWM"]
     start = time.perf_counter()
-    train_one_epoch(model, batches, loss_fn, optimizer, CPU)
+    train_one_epoch(model, batches, loss_fn, optimizer, CPU, len(batches))
     seconds = time.perf_counter() - start
     after = status_kib("VmHWM", "RssAnon", "RssFile")
     return {

@@ -46,6 +46,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Refuse pickle when loading models through MLflow: a model file planted in the artifact store must
 # not run code on whoever loads it (MLflow's default is to allow it).
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+# Asynchronous metrics (train's per-epoch points) go out in batches once a second. Without this, the
+# logging thread polls its queue with a 1 s timeout, and ending the run waits for that poll.
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 # A progress bar per artifact download, in a log, says nothing.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's SQL store logs each failure with a traceback before raising it; `store()` reports the
@@ -214,10 +217,13 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, synchrono
         return client().log_batch(run_id, metrics=batch, synchronous=synchronous)
 
 
-def wait(operation: Any) -> None:
-    """Block until an asynchronous `log_metrics` is stored; its failure becomes a TrackingError."""
-    if operation is not None:
-        with store():
+def wait(operations: list[Any]) -> None:
+    """Send what asynchronous `log_metrics` calls left queued, now; any failure becomes a TrackingError."""
+    if not operations:
+        return
+    with store():
+        client()._tracking_client.store.flush_async_logging()  # wakes the logging thread: no buffering wait
+        for operation in operations:
             operation.wait()
 
 

@@ -274,63 +274,69 @@ def fit(params: Params, run: Run, resume: dict | None, key: str, inputs_used: di
             "loop": done, "rng": rng, "batches": epoch_state.batches, "steps": epoch_state.steps,
             "loss_sum": epoch_state.loss_sum.detach().cpu(), "seen": epoch_state.seen, "first": epoch_state.first_loss,
         }  # fmt: skip
-        checkpoint.save(paths.CHECKPOINTS, state, epoch_state.steps, done["epoch"], cfg.checkpoint.keep)
+        writer.save(paths.CHECKPOINTS, state, epoch_state.steps, done["epoch"], cfg.checkpoint.keep)
 
     def every_n_steps(state: EpochState) -> None:
         if cfg.checkpoint.every_steps and state.steps % cfg.checkpoint.every_steps == 0:
             save()
 
-    progress = Progress(me.main)
-    metric = cfg.select_metric
-    started, first_epoch = time.monotonic(), done["epoch"] + 1
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        if done["stopped_early"]:
-            break
-        tick = time.monotonic()
-        sampler.set_epoch(epoch, skip=epoch_state.batches * cfg.batch_size)
-        batches = progress.wrap(train_batches, len(sampler), f"epoch {epoch}/{cfg.epochs}", epoch_state)
-        train_one_epoch(net, batches, loss_fn, optimizer, device, n_batches, recipe, epoch_state, every_n_steps)
-        seen = torch.tensor(epoch_state.seen, dtype=torch.float64, device=epoch_state.loss_sum.device)
-        totals = distributed.all_sum(torch.stack([epoch_state.loss_sum, seen]))  # over every process's share
-        train_loss = (totals[0] / totals[1]).item()
-        if done["first_loss"] is None:  # the untrained model's loss: what divergence is measured against
-            done["first_loss"] = epoch_state.first_loss
-        val = validate(net, val_batches, loss_fn, device, recipe)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"], "train/lr": lr}
-        done["history"].append({"epoch": epoch, **row})
-        value = row[metric]
-        marker = ""
-        if better(metric, value, done["best_value"]):
-            done["best_value"], done["best_epoch"], marker = value, epoch, "  *"
-            done["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if improved(metric, value, done["stop_best"], cfg.early_stopping.min_delta):
-            done["stop_best"], done["stale"] = value, 0
-        else:
-            done["stale"] += 1
-        if plateau is not None and epoch > cfg.schedule.warmup_epochs:
-            plateau.step(value)
-        gate(params, epoch, done["first_loss"], train_loss, done["best_value"], chance, n_classes)
-        patience = cfg.early_stopping.patience
-        done["stopped_early"] = bool(patience) and done["stale"] >= patience and epoch < cfg.epochs
-        done["epoch"] = epoch
-        epoch_state = EpochState(steps=epoch_state.steps)
-        save(finished=done["stopped_early"] or epoch == cfg.epochs)
-        if me.main:
-            run.log_epoch(row, epoch)
-            took = time.monotonic() - tick
-            left = (time.monotonic() - started) / (epoch - first_epoch + 1) * (cfg.epochs - epoch)
-            print(
-                f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  val/loss {val['loss']:.4f}  "
-                f"val/accuracy {val['accuracy']:.4f}{marker or '   '}  lr {lr:.3g}  {took:.1f}s"
-                + (f"  eta {left:.0f}s" if epoch < cfg.epochs else "")
-            )
-        if done["stopped_early"]:
-            print(
-                f"train: early stop after epoch {epoch}: {metric} has not improved by more than "
-                f"{cfg.early_stopping.min_delta:g} for {patience} epochs (train.early_stopping.patience)"
-            )
-    return {**done, "device": str(device)}
+    writer = checkpoint.Writer()
+    try:
+        progress = Progress(me.main)
+        metric = cfg.select_metric
+        started, first_epoch = time.monotonic(), done["epoch"] + 1
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            if done["stopped_early"]:
+                break
+            tick = time.monotonic()
+            sampler.set_epoch(epoch, skip=epoch_state.batches * cfg.batch_size)
+            batches = progress.wrap(train_batches, len(sampler), f"epoch {epoch}/{cfg.epochs}", epoch_state)
+            train_one_epoch(net, batches, loss_fn, optimizer, device, n_batches, recipe, epoch_state, every_n_steps)
+            seen = torch.tensor(epoch_state.seen, dtype=torch.float64, device=epoch_state.loss_sum.device)
+            totals = distributed.all_sum(torch.stack([epoch_state.loss_sum, seen]))  # over every process's share
+            train_loss = (totals[0] / totals[1]).item()
+            if done["first_loss"] is None:  # the untrained model's loss: what divergence is measured against
+                done["first_loss"] = epoch_state.first_loss
+            val = validate(net, val_batches, loss_fn, device, recipe)
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"train/loss": train_loss, "val/loss": val["loss"], "val/accuracy": val["accuracy"], "train/lr": lr}
+            done["history"].append({"epoch": epoch, **row})
+            value = row[metric]
+            marker = ""
+            if better(metric, value, done["best_value"]):
+                done["best_value"], done["best_epoch"], marker = value, epoch, "  *"
+                done["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if improved(metric, value, done["stop_best"], cfg.early_stopping.min_delta):
+                done["stop_best"], done["stale"] = value, 0
+            else:
+                done["stale"] += 1
+            if plateau is not None and epoch > cfg.schedule.warmup_epochs:
+                plateau.step(value)
+            gate(params, epoch, done["first_loss"], train_loss, done["best_value"], chance, n_classes)
+            patience = cfg.early_stopping.patience
+            done["stopped_early"] = bool(patience) and done["stale"] >= patience and epoch < cfg.epochs
+            done["epoch"] = epoch
+            epoch_state = EpochState(steps=epoch_state.steps)
+            save(finished=done["stopped_early"] or epoch == cfg.epochs)
+            if me.main:
+                run.log_epoch(row, epoch)
+                took = time.monotonic() - tick
+                left = (time.monotonic() - started) / (epoch - first_epoch + 1) * (cfg.epochs - epoch)
+                print(
+                    f"epoch {epoch:3d}/{cfg.epochs}  train/loss {train_loss:.4f}  val/loss {val['loss']:.4f}  "
+                    f"val/accuracy {val['accuracy']:.4f}{marker or '   '}  lr {lr:.3g}  {took:.1f}s"
+                    + (f"  eta {left:.0f}s" if epoch < cfg.epochs else "")
+                )
+            if done["stopped_early"]:
+                print(
+                    f"train: early stop after epoch {epoch}: {metric} has not improved by more than "
+                    f"{cfg.early_stopping.min_delta:g} for {patience} epochs (train.early_stopping.patience)"
+                )
+        writer.wait()  # the last checkpoint is on disk before the outputs are written
+    finally:
+        with contextlib.suppress(Exception):
+            writer.wait()  # after a failure or Ctrl-C too: the checkpoint being written lands
+    return {**done, "device": str(device), "loop_seconds": time.monotonic() - started}
 
 
 def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
@@ -378,21 +384,20 @@ class Run:
             self.pending.append(tracking.log_metrics(self.id, row, step=epoch, synchronous=False))
 
     def flush(self) -> None:
-        """Wait for every metric sent so far; a failure to store one is a TrackingError here."""
-        while self.pending:
-            tracking.wait(self.pending.pop(0))
+        """Store every metric sent so far; a failure to store one is a TrackingError here."""
+        pending, self.pending = self.pending, []
+        tracking.wait(pending)
 
 
-def latest_checkpoint(key: str, used: dict, main: bool) -> tuple[dict, Path] | None:
+def latest_checkpoint(key: str, used: dict) -> tuple[dict, Path] | None:
     """The newest whole checkpoint of these very inputs, or None, saying why when one was not used."""
-    say = print if main else (lambda *_: None)
-    found = checkpoint.load_latest(paths.CHECKPOINTS, warn=lambda message: say(f"train: warning: {message}"))
+    found = checkpoint.load_latest(paths.CHECKPOINTS, warn=lambda message: print(f"train: warning: {message}"))
     if found is None:
         return None
     state, path = found
     if state["key"] != key:
         changed = why_fresh(state["inputs"], used)
-        say(f"train: starting at epoch 1, not from {path.name}: it was made with other inputs ({changed})")
+        print(f"train: starting at epoch 1, not from {path.name}: it was made with other inputs ({changed})")
         return None
     return state, path
 
@@ -437,7 +442,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     device = pick_device(params.train.device, me)
     autocast_dtype(params.train.precision, device)  # refused before any run is opened
     key, used = resume_key(params, data_hash, init_hash, device.type, me.size)
-    found = latest_checkpoint(key, used, me.main)
+    found = latest_checkpoint(key, used) if me.main else None  # rank 0 reads, and shares what it chose
     distributed.start(device)
     run = Run(None)
     status = "FAILED"
@@ -449,8 +454,8 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
             run_id = run.id
             tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
             tracking.log_artifacts(run_id, "params", [ctx.params_path])
-        if distributed.share(state is not None) and state is None:
-            state = found[0]  # the other processes resume from the same file rank 0 chose
+        # The other processes get rank 0's choice, whole: on other machines they may not see its files.
+        state = distributed.share(state)
         result = fit(params, run, state, key, used)
         if not me.main:
             status = "FINISHED"
@@ -499,7 +504,12 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         distributed.stop()
     metric = params.train.select_metric
     print(f"train: best epoch {result['best_epoch']} on {result['device']}, {metric} {best[metric]:.4f}")
-    return {"best": str(paths.BEST), "run_id": run_id, "best_epoch": result["best_epoch"]}
+    return {
+        "best": str(paths.BEST),
+        "run_id": run_id,
+        "best_epoch": result["best_epoch"],
+        "loop_seconds": result["loop_seconds"],  # the epochs alone, for benchmarks/overhead.py
+    }
 
 
 def _quietly(fn, *args) -> None:

@@ -176,3 +176,26 @@ def test_the_build_step_starts_from_the_weights_file_and_records_its_hash(projec
     with pytest.raises(InputError, match=r"^build.weights: models/imagenet.pth does not exist.*nothing is downloaded"):
         build.run(missing)
     assert read_json(paths.SUMMARY, "build") == summary  # outputs left as they were
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_torchvision_model_trains_evaluates_and_exports_through_the_pipeline(project, weight_files, kind):
+    """Every stage on the digits: 2 epochs from a weights file, frozen; the export stage checks its files itself."""
+    from tasks import evaluate, export, train
+
+    overrides = [f"build.model={kind}", f"build.weights={weight_files[kind]}", "train.epochs=2", "train.lr=0.01"]
+    params = load(overrides=overrides)
+    for step in (prepare, build, train, evaluate, export):
+        step.run(params)  # export raises ExportError if a file differs from the eager model
+    info = read_json(paths.EXPORT_INFO, "export")
+    assert info["input"]["shape"] == ["batch", 1, 8, 8] and len(info["classes"]) == 10
+    model = torch.jit.load(paths.TORCHSCRIPT)
+    import numpy as np
+
+    x = torch.from_numpy(np.load(paths.images("test"))).float()
+    y = torch.from_numpy(np.load(paths.labels("test")))
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.3  # two epochs on 8x8 images: learning, not converged
+    assert read_json(paths.TEST_METRICS, "evaluate")["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)

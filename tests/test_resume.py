@@ -90,6 +90,7 @@ def test_a_checkpoint_holds_plain_values_and_tensors_only(built):
     assert state["inputs"]["train.lr"] == 0.003 and len(state["inputs"]["data.sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_a_corrupt_last_checkpoint_is_named_and_the_one_before_is_used(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=4", "train.checkpoint.keep=3"])
     train.run(params)
@@ -138,6 +139,7 @@ def test_a_changed_param_starts_afresh_and_says_which(built, monkeypatch, capsys
     assert epochs_logged(second.info.run_id) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resuming_from_the_middle_of_an_epoch_gives_the_same_weights(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=3", "train.checkpoint.every_steps=7", "train.augment.rotation=10"])
     train.run(params)
@@ -169,7 +171,7 @@ def test_resuming_from_the_middle_of_an_epoch_gives_the_same_weights(built, monk
     [
         (2, 0.0, [0.5, 0.6, 0.6, 0.6, 0.9, 0.9], 4, 2),
         (2, 0.01, [0.5, 0.6, 0.605, 0.61, 0.9, 0.9], 4, 4),  # better, but not by more than min_delta
-        (0, 0.0, [0.5, 0.6, 0.6, 0.6, 0.6, 0.6], 6, 2),  # patience 0: off
+        pytest.param(0, 0.0, [0.5, 0.6, 0.6, 0.6, 0.6, 0.6], 6, 2, marks=pytest.mark.slow),  # patience 0: off
     ],
 )
 def test_early_stopping_ends_at_the_right_epoch(
@@ -228,6 +230,7 @@ def test_plateau_lowers_the_rate_after_patience_epochs_without_improvement():
     assert optimizer.param_groups[0]["lr"] == 0.5
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_and_stays_reproducible(built):
     overrides = [
         "train.epochs=3", "train.schedule.name=cosine", "train.schedule.warmup_epochs=0.5", "train.accumulate=3",
@@ -254,3 +257,48 @@ def test_fp16_without_cuda_and_impossible_schedules_are_refused(built):
         load(overrides=["train.schedule.name=onecycle", "train.schedule.warmup_epochs=1"])
     with pytest.raises(ConfigError, match="warmup_epochs .* must be below epochs"):
         load(overrides=["train.schedule.warmup_epochs=40"])
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_progress_bar_and_a_pipe_one_line_per_epoch(built):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "tasks", "train", "--set", "train.epochs=2"]
+    piped = subprocess.run(args, cwd=built, env=env, capture_output=True, text=True, check=True)
+    lines = [line[:11] for line in piped.stdout.splitlines() if line.startswith("epoch")]
+    assert lines == ["epoch   1/2", "epoch   2/2"]
+    assert "img/s" not in piped.stdout + piped.stderr  # no bar in a log
+
+    terminal, their_end = pty.openpty()
+    fcntl.ioctl(their_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns, as a window
+    proc = subprocess.Popen(args, cwd=built, env=env, stdout=subprocess.PIPE, stderr=their_end)
+    os.close(their_end)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out, _ = proc.communicate(timeout=120)
+    os.close(terminal)
+    assert proc.returncode == 0
+    assert b"epoch 1/2" in shown and b"img/s" in shown  # the bar, on the terminal (stderr)
+    assert out.decode().count("\nepoch ") + out.decode().startswith("epoch") == 2  # and the lines on stdout
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_saves_the_plain_models_weights(built):
+    train.run(load(overrides=["train.epochs=2", "train.compile=true"]))  # the first epoch compiles: about a minute
+    state = torch.load(paths.BEST, weights_only=True)
+    assert not [k for k in state if k.startswith("_orig_mod")]  # loads into the model that export builds
+    assert json.loads(paths.TRAIN_METRICS.read_text())["val"]["accuracy"] > 0.5

@@ -8,7 +8,12 @@ one-line error and exit code.
 
 - `sources`: the raw data (scikit-learn digits, MNIST/FashionMNIST IDX files, an image folder)
   and decoding images once, with every bad file named and its reason given.
-- `data`: the stratified split, the memory-mapped `Dataset`, augmentation and the loaders.
-- `models`: the architectures, loss and optimizer.
-- `loops`: one epoch of training, and evaluation.
+- `data`: the stratified split, the memory-mapped `Dataset`, the epoch sampler, augmentation and
+  the loaders.
+- `models`: the architectures (cnn, mlp, torchvision's resnet18 and mobilenet_v3_small), loss
+  and optimizer.
+- `loops`: one epoch of training with the recipe (accumulation, mixed precision, clipping, the
+  learning-rate schedule), validation, evaluation.
+- `checkpoint`: saving, verifying and loading checkpoints, and the random generators' states.
+- `distributed`: the process group under torchrun, and the few collective calls train needs.
 """

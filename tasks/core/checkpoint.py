@@ -20,6 +20,7 @@ import io
 import os
 import random
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "python": [version, list(mt), gauss_next],
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss_next],  # a tensor: 625 ints pickle slowly
         "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
     }
 
@@ -48,7 +49,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     version, mt, gauss_next = state["python"]
-    random.setstate((version, tuple(mt), gauss_next))
+    random.setstate((version, tuple(mt.tolist()), gauss_next))
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
@@ -88,6 +89,53 @@ def save(folder: Path, state: dict[str, Any], steps: int, epoch: int, keep: int)
     for *_, old in _entries(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+class Writer:
+    """Writes checkpoints in a thread of its own, one at a time, while training goes on.
+
+    Serializing, hashing and flushing a checkpoint to disk took about 10 ms an epoch for a
+    175,000-parameter CNN on 2 cores, as much as the rest of the pipeline's per-epoch cost
+    together. `save` copies the state first (training changes the tensors in place), waits for the
+    previous write and starts this one; `wait` returns when it is on disk and raises what it
+    raised. Not a daemon: after Ctrl-C the write in progress still completes.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, folder: Path, state: dict[str, Any], steps: int, epoch: int, keep: int) -> None:
+        self.wait()
+        snapshot = _copied(state)
+
+        def write() -> None:
+            try:
+                save(folder, snapshot, steps, epoch, keep)
+            except BaseException as exc:  # re-raised in the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _copied(obj: Any) -> Any:
+    """Tensors copied to the CPU, containers copied; plain values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
 
 
 def _fsync_dir(folder: Path) -> None:
