@@ -407,6 +407,7 @@ def open_run(
 ) -> tuple[Run, dict | None]:
     """Continue the MLflow run that wrote the checkpoint, or start one; return its id and the state to resume."""
     key = tags[RESUME_TAG]
+    tracking.check_store(must_exist=False)  # an unreachable server: one line now, not minutes of retries
     earlier = tracking.latest_run_with(RESUME_TAG, key)
     state, path = found if found else (None, None)
     if state is not None and state["done"] and (earlier is None or earlier[1] == "FINISHED"):

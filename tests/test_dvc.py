@@ -299,18 +299,19 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(changed):
     assert finished[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
 
 
-def test_more_epochs_that_keep_the_same_best_weights_link_the_earlier_results(changed):
-    """Same weights, so DVC skips evaluate and export; the new MLflow run still shows the test results."""
+def test_a_param_that_changes_no_weight_links_the_earlier_results(changed):
+    """Train reruns (its params changed) to the same weights, so DVC skips evaluate and export; the new
+    MLflow run still shows the test results."""
     path = changed
-    best_epoch = json.loads((path / "metrics/train.json").read_text())["best_epoch"]
-    assert best_epoch < 30  # what makes a 31st epoch unable to change the kept weights
-    set_param(path, "epochs: 30", "epochs: 31")
+    set_param(path, "keep: 2", "keep: 3")  # how many checkpoints to keep: train reruns, from epoch 1
     out = dvc("repro", cwd=path).stdout
-    assert "Running stage 'train'" in out
+    assert "Running stage 'train'" in out and "ends a finished training; training again from epoch 1" in out
     assert "Stage 'evaluate' didn't change" in out and "Stage 'export' didn't change" in out
+    assert len(list((path / "models/train/checkpoints").iterdir())) == 3
     c, runs = mlflow_runs(path)
     earlier, new = runs[-2], runs[-1]
-    assert new.data.params["train.epochs"] == "31" and new.data.tags["pipeline.same_model_as"] == earlier.info.run_id
+    assert new.data.params["train.checkpoint.keep"] == "3"
+    assert new.data.tags["pipeline.same_model_as"] == earlier.info.run_id
     assert new.data.metrics["test/accuracy"] == earlier.data.metrics["test/accuracy"]
     assert {m.model_id for m in new.outputs.model_outputs} == {m.model_id for m in earlier.outputs.model_outputs}
     assert f"the same weights as MLflow run {earlier.info.run_id}" in out

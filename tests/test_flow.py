@@ -176,18 +176,21 @@ def test_the_local_server_survives_ctrl_c_and_kills_and_runs_left_running_are_cl
         assert flow.returncode == 130
         assert healthy(api) and (home / "server.pid").read_text() == server_pid
 
+        (interrupted,) = mlflow_runs("KILLED")
         flow = start("-m", "flows.pipeline", cwd=project, env=env, session=True)
-        wait_for(flow, "epoch   2/500")
+        wait_for(flow, f"resuming MLflow run {interrupted.info.run_id}")  # the same params: it goes on
+        wait_for(flow, "/500 ")
         flow.kill()
         flow.wait()
         (orphan,) = mlflow_runs("RUNNING")
+        assert orphan.info.run_id == interrupted.info.run_id
 
         again = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=3", cwd=project, env=env)
         out = again.stdout + again.stderr
         assert "starting a local Prefect server" not in out  # reused, not a second one
         assert (home / "server.pid").read_text() == server_pid
-        assert f"closed MLflow run {orphan.info.run_id} as KILLED" in out
-        assert [r.info.status for r in mlflow_runs()] == ["KILLED", "KILLED", "FINISHED"]
+        assert f"closed MLflow run {orphan.info.run_id} as KILLED" in out  # other params: it cannot resume
+        assert [r.info.status for r in mlflow_runs()] == ["KILLED", "FINISHED"]
         # The Prefect flow run that the kill left RUNNING is closed too.
         assert "Crashed: its process" in out
         assert flow_run_states(env["PREFECT_PORT"]) == ["CRASHED", "CRASHED", "COMPLETED"]
