@@ -194,11 +194,10 @@ class Progress:
                     shown = time.monotonic()
 
 
-def fit(params: Params, run: Run, resume: dict | None, key: str, inputs_used: dict) -> dict:
+def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key: str, inputs_used: dict) -> dict:
+    """The epochs on `device`, in the process group `run` has started; from `resume` when given."""
     cfg = params.train
     me = distributed.world()
-    device = pick_device(cfg.device, me)
-    distributed.start(device)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -257,8 +256,7 @@ def fit(params: Params, run: Run, resume: dict | None, key: str, inputs_used: di
         epoch_state = EpochState(
             resume["batches"], resume["steps"], resume["loss_sum"], resume["seen"], resume["first"]
         )
-        distributed_rng = resume["rng"]
-        checkpoint.set_rng_state(distributed_rng[me.rank] if me.rank < len(distributed_rng) else distributed_rng[0])
+        checkpoint.set_rng_state(resume["rng"][me.rank])  # one per process: the key holds their number
 
     def save(finished: bool = False) -> None:
         """Every process's RNG state is gathered; rank 0 alone writes."""
@@ -402,9 +400,7 @@ def latest_checkpoint(key: str, used: dict) -> tuple[dict, Path] | None:
     return state, path
 
 
-def open_run(
-    params: Params, ctx: StepContext, tags: dict[str, str], found: tuple[dict, Path] | None
-) -> tuple[Run, dict | None]:
+def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | None) -> tuple[Run, dict | None]:
     """Continue the MLflow run that wrote the checkpoint, or start one; return its id and the state to resume."""
     key = tags[RESUME_TAG]
     tracking.check_store(must_exist=False)  # an unreachable server: one line now, not minutes of retries
@@ -451,13 +447,13 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         state = None
         if me.main:
             tags = {"data.sha256": data_hash, RESUME_TAG: key, **ctx.tags}
-            run, state = open_run(params, ctx, tags, found)
+            run, state = open_run(params, tags, found)
             run_id = run.id
             tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
             tracking.log_artifacts(run_id, "params", [ctx.params_path])
         # The other processes get rank 0's choice, whole: on other machines they may not see its files.
         state = distributed.share(state)
-        result = fit(params, run, state, key, used)
+        result = fit(params, device, run, state, key, used)
         if not me.main:
             status = "FINISHED"
             return {"best": str(paths.BEST), "run_id": None, "best_epoch": result["best_epoch"]}
