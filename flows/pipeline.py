@@ -21,6 +21,7 @@ exit code (see `tasks/errors.py`); Ctrl-C exits 130 with the MLflow run marked K
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from tasks import STAGES, StepContext, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 from tasks.errors import PipelineError, TrackingError
 from tasks.files import process_alive
-from tasks.params import PARAMS_FILE, ConfigError, check_writable, load, write_overrides
+from tasks.params import PARAMS_FILE, ConfigError, Params, check_writable, load, write_overrides
 
 TRAIN_RETRIES = 2  # the train task, after a crash: each retry resumes from the last checkpoint
 
@@ -61,27 +62,64 @@ from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.logging.handlers import PrefectConsoleHandler  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+from prefect.utilities.urls import url_for  # noqa: E402
 
 
 class ExpectedErrors(logging.Filter):
     """Keep Prefect's one-line report of a failed task, drop the traceback when the error is one of ours.
 
     The message already says what is wrong and what to do; interrupts need no traceback either.
+    Also drop, from the terminal only, the "Finished in state Completed()" (or Skipped) line of each
+    step: the step's own last line says how it ended (the Prefect UI still has both).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
             record.exc_info, record.exc_text = None, None
-        return True
+        done = record.getMessage().startswith(("Finished in state Completed", "Finished in state Skipped"))
+        return not (record.levelno == logging.INFO and done)
+
+
+class StepFormatter(logging.Formatter):
+    """`17:01:43 [3/5 train] epoch 1/30 ...`: the time, how far the run is, and the message.
+
+    Instead of Prefect's 45-character prefix (time, level and the task run's name) on every line.
+    The level is shown only when it is not INFO; a step's own `train: ` prefix is not repeated.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        stage = getattr(record, "stage", None) or getattr(record, "task_run_name", None)
+        message = record.getMessage()
+        if stage in STAGES:
+            where = f"[{STAGES.index(stage) + 1}/{len(STAGES)} {stage}]"
+            message = message.removeprefix(f"{stage}: ")
+        else:
+            where = "[pipeline]"
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        text = f"{self.formatTime(record, self.datefmt)} {where} {level}{message}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 for _handler in logging.getLogger().handlers:
     if isinstance(_handler, PrefectConsoleHandler):
         _handler.addFilter(ExpectedErrors())
+        _handler.setFormatter(StepFormatter())
 
 
-def step(stage: str, params_path: str, tags: dict[str, str]) -> dict:
-    """One pipeline step; takes and returns paths and small summaries, never tensors."""
+def step(stage: str, params_path: str, tags: dict[str, str], up_to_date: bool = False) -> Any:
+    """One pipeline step; takes and returns paths and small summaries, never tensors.
+
+    A step DVC finds up to date is still a task run, in state Skipped, so the flow run's graph
+    always shows all five steps.
+    """
+    if up_to_date:
+        return Completed(name="Skipped", message="up to date: DVC found its code, data and params unchanged")
     path = Path(params_path)
     return run_stage(stage, load(path), StepContext(path, tags))
 
@@ -148,11 +186,92 @@ def close_crashed_flow_runs() -> None:
             print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid.split('-')[0]}) was killed")
 
 
-@flow(name="pipeline", log_prints=True)
+def changed_params(params_path: str, overrides: list[str] | None) -> tuple[Params, dict]:
+    """The params a run will use, and those that differ from the committed params.yaml."""
+    from tasks import naming
+
+    path = Path(params_path)
+    params = load(path, overrides)
+    return params, naming.changes(params, naming.committed_params(path))
+
+
+def run_title() -> str:
+    """The flow run's name, from its parameters, the same as its MLflow run's: `cnn-digits lr=0.01`."""
+    from tasks import naming
+
+    parameters = flow_run.parameters
+    try:
+        params, changed = changed_params(parameters.get("params_path", str(PARAMS_FILE)), parameters.get("overrides"))
+    except ConfigError:
+        return "pipeline (params not valid)"  # the flow stops with the message at once
+    return naming.run_name(params, changed, naming.experiment_name())
+
+
+def params_artifact(params: Params, changed: dict) -> None:
+    """Every param this run used, in the flow run's Artifacts tab; the ones that differ from git's HEAD first."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [
+        {"param": k, "value": json.dumps(v), "committed": json.dumps(changed[k][0]) if k in changed else ""}
+        for k, v in params.flat().items()
+    ]
+    rows.sort(key=lambda row: row["committed"] == "")
+    create_table_artifact(
+        rows,
+        key="pipeline-params",
+        description=f"The params this run used: {len(changed)} differ from the committed params.yaml "
+        "(their committed value is shown beside them).",
+    )
+
+
+def test_metrics() -> dict | None:
+    from tasks.paths import TEST_METRICS
+
+    try:
+        return json.loads(TEST_METRICS.read_text())["test"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def results_artifact(name: str, before: dict | None, results: dict) -> None:
+    """The test metrics, their change against the checkout's previous results, and the MLflow run, as an artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks import tracking
+
+    after = test_metrics()
+    lines = [f"# {name}", ""]
+    if after is None:
+        lines.append("No test metrics yet.")
+    else:
+        lines += ["| test metric | this run | before | change |", "|---|---|---|---|"]
+        for key in ("accuracy", "f1_macro", "loss"):
+            old = (before or {}).get(key)
+            change = f"{after[key] - old:+.4f}" if isinstance(old, float) else "(first run)"
+            lines.append(f"| {key} | {after[key]:.4f} | {'' if old is None else f'{old:.4f}'} | {change} |")
+    run_id = tracking.noted_run().get("run_id")
+    if run_id:
+        try:
+            lines += ["", f"MLflow run: [{run_id}]({tracking.run_url(run_id)})"]
+        except PipelineError as exc:
+            lines += ["", f"MLflow run {run_id} ({exc})"]
+    lines += [
+        "",
+        "Steps: "
+        + ", ".join(f"{stage} {'up to date' if r == 'up to date' else 'ran'}" for stage, r in results.items()),
+    ]
+    create_markdown_artifact(
+        "\n".join(lines), key="pipeline-results", description="Test metrics, the change against before, the MLflow run"
+    )
+
+
+@flow(name="pipeline", flow_run_name=run_title, log_prints=True)
 def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run the stale steps in order (all of them with `force`); return what each step returned."""
+    from prefect import get_run_logger
+
     path = Path(params_path)
-    tags = {"orchestrator": "prefect", "prefect.flow_run_id": str(flow_run.id)}
+    logger = get_run_logger()
     results: dict[str, Any] = {}
     with checkout_lock() as repo:
         close_crashed_flow_runs()
@@ -162,19 +281,27 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
                 "edit it or use --set"
             )
         # Checked here too, for a deployment's parameters, before anything runs.
-        if overrides:
-            write_overrides(path, overrides)
-        else:
-            load(path)
+        params = write_overrides(path, overrides) if overrides else load(path)
+        name = flow_run.name  # run_title's, from the same params
+        params_artifact(params, changed_params(params_path, None)[1])
+        before = test_metrics()
+        tags = {
+            "orchestrator": "prefect",
+            "prefect.flow_run_id": str(flow_run.id),
+            "prefect.flow_run_url": str(url_for("flow-run", obj_id=flow_run.id)),
+            "mlflow.runName": name,  # the MLflow run, if train runs, is called like this flow run
+        }
         for stage in STAGES:
             if repo is not None and not force and not repo.status(targets=[stage]):
-                print(f"{stage}: up to date")
+                STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
+                logger.info("up to date", extra={"stage": stage})
                 results[stage] = "up to date"
                 continue
             results[stage] = STEP_TASKS[stage](stage, params_path, tags)
             if repo is not None:
                 repo.commit(stage, force=True)
-                print(f"{stage}: committed to dvc.lock")
+                logger.info("committed to dvc.lock", extra={"stage": stage})
+    results_artifact(name, before, results)
     return results
 
 
@@ -182,7 +309,7 @@ def summary() -> str:
     """Where the results are, for the end of a run."""
     from tasks.paths import EXPORT_INFO as INFO
     from tasks.paths import TEST_METRICS as METRICS
-    from tasks.tracking import noted_run, tracking_uri
+    from tasks.tracking import noted_run, run_url, tracking_uri
 
     if not METRICS.exists() or not INFO.exists():
         return "no results yet"
@@ -190,6 +317,9 @@ def summary() -> str:
     run = noted_run()
     if "run_id" in run and "tracking_uri" in run:
         where = f"MLflow run {run['run_id']} in {run['tracking_uri']}"
+        if run["tracking_uri"] == tracking_uri():
+            with contextlib.suppress(PipelineError):
+                where += f": {run_url(run['run_id'])}"
     else:
         where = f"MLflow runs in {tracking_uri()}"
     return "\n".join(

@@ -13,6 +13,7 @@ Layers run one way: flows -> steps (`tasks/<stage>.py`: files, MLflow) -> the to
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,18 @@ if TYPE_CHECKING:
     from tasks.params import Params
 
 STAGES = ("prepare", "build", "train", "evaluate", "export")
+
+# Offline by default, in every entry point (`python -m tasks`, the flows, `dvc repro`'s stages,
+# the tests), not only behind scripts/env.sh: no usage data from Prefect, MLflow or DVC, and no
+# notice about it. A user who wants telemetry sets these variables.
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+}
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
 
 
 @dataclass(frozen=True)

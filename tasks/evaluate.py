@@ -4,9 +4,13 @@
 
 The evaluation is `tasks/core/loops.py` `evaluate`, also the per-epoch validation of `train`:
 one function, `model.eval()` under `torch.no_grad()`, torchmetrics accumulating batch by batch.
-Writes `metrics/evaluate.json` (accuracy, macro F1, loss, per-class precision and recall),
-`plots/confusion.csv` (one row per test image, for DVC's confusion template) and
-`plots/confusion.png`.
+Writes `metrics/evaluate.json` (accuracy, macro F1, loss), `metrics/per_class.json` (precision,
+recall, F1 and support per class), `plots/confusion.csv` (one row per test image, for DVC's
+confusion template) and `plots/confusion.png`.
+
+In MLflow the per-class numbers are one table (`per_class.json`, shown as a table in the run's
+artifacts), not 2 metrics per class: the run page then shows the learning curves first, not a
+wall of single-point charts.
 """
 
 from __future__ import annotations
@@ -53,40 +57,40 @@ def confusion_png(matrix: list[list[int]], classes: list[str], path: Path) -> No
 
 
 def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
-    manifest = inputs.manifest()
-    classes = manifest["classes"]
     model = inputs.model(params, paths.BEST, made_by="train")
     run_id = tracking.current_run_id(paths.BEST)
+    with tracking.stage_run(run_id, "evaluate"):
+        return _evaluate(params, model, run_id)
+
+
+def _evaluate(params: Params, model: torch.nn.Module, run_id: str) -> dict:
+    classes = inputs.manifest()["classes"]
     test_set = inputs.dataset("test")
     loss_fn = build_loss(params.train.label_smoothing)
     batches = loader(test_set, params.evaluate.batch_size)
     result = evaluate(model, batches, loss_fn, len(classes), torch.device("cpu"))
 
-    test = {
-        "accuracy": result["accuracy"],
-        "f1_macro": result["f1_macro"],
-        "loss": result["loss"],
-        "per_class": {
-            c: {"precision": p, "recall": r}
-            for c, p, r in zip(classes, result["precision"], result["recall"], strict=True)
-        },
-    }
-    logged = {f"test/{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}
-    for c in classes:
-        logged[f"test/precision/{c}"] = test["per_class"][c]["precision"]
-        logged[f"test/recall/{c}"] = test["per_class"][c]["recall"]
+    test = {"accuracy": result["accuracy"], "f1_macro": result["f1_macro"], "loss": result["loss"]}
+    support = [sum(row) for row in result["confusion"]]
+    table = {"class": list(classes), "precision": result["precision"], "recall": result["recall"]}
+    pairs = zip(table["precision"], table["recall"], strict=True)
+    table["f1"] = [2 * p * r / (p + r) if p + r else 0.0 for p, r in pairs]
+    table["support"] = support
+    per_class = {c: {k: table[k][i] for k in ("precision", "recall", "f1", "support")} for i, c in enumerate(classes)}
     pairs = zip(result["labels"].tolist(), result["predictions"].tolist(), strict=True)
     rows = [f"{csv_cell(classes[a])},{csv_cell(classes[p])}" for a, p in pairs]
 
     # Logged from the staged files, so a store that fails leaves the previous outputs as they were.
-    outputs = (paths.TEST_METRICS, paths.CONFUSION_CSV, paths.CONFUSION_PNG)
-    with staged(*outputs) as (metrics_file, csv_file, png_file):
+    outputs = (paths.TEST_METRICS, paths.PER_CLASS, paths.CONFUSION_CSV, paths.CONFUSION_PNG)
+    with staged(*outputs) as (metrics_file, per_class_file, csv_file, png_file):
         metrics_file.write_text(json_text({"test": test}))
+        per_class_file.write_text(json_text({"per_class": per_class}))
         csv_file.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
         confusion_png(result["confusion"], classes, png_file)
-        tracking.log_metrics(run_id, logged)
+        tracking.log_metrics(run_id, {f"test/{k}": v for k, v in test.items()})
+        tracking.log_table(run_id, table, "per_class.json")
         tracking.log_artifacts(run_id, "plots", [csv_file, png_file])
-        tracking.log_artifacts(run_id, "metrics", [metrics_file])
+        tracking.log_artifacts(run_id, "metrics", [metrics_file, per_class_file])
     n = len(test_set)
     print(f"evaluate: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1_macro']:.4f} on {n} images")
     return {"metrics": str(paths.TEST_METRICS), "accuracy": test["accuracy"], "f1_macro": test["f1_macro"]}

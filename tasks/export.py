@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import site
@@ -73,6 +74,8 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", c
 # (Its message starts with a colour code, hence the leading `.*`.)
 warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive", category=UserWarning)
+# "Validating input example against model signature" on every export: progress a user cannot act on.
+logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 
 
 def _path_prefixes() -> list[str]:
@@ -243,9 +246,14 @@ def log_to_mlflow(
 
 
 def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
-    manifest = inputs.manifest()
     model = inputs.model(params, paths.BEST, made_by="train").eval()
     run_id = tracking.current_run_id(paths.BEST)
+    with tracking.stage_run(run_id, "export"):  # the pipeline's last step: the run ends with it
+        return _export(params, model, run_id)
+
+
+def _export(params: Params, model: torch.nn.Module, run_id: str) -> dict:
+    manifest = inputs.manifest()
     x = torch.from_numpy(np.array(inputs.dataset("test").images[:CHECK_IMAGES])).float()
     with torch.no_grad():
         expected = model(x)

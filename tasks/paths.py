@@ -42,6 +42,7 @@ CHECKPOINTS = Path("models/train/checkpoints")  # a folder: the newest train.che
 
 # evaluate
 TEST_METRICS = Path("metrics/evaluate.json")
+PER_CLASS = Path("metrics/per_class.json")  # precision, recall, F1 and support per class: `dvc metrics show` it
 CONFUSION_CSV = Path("plots/confusion.csv")
 CONFUSION_PNG = Path("plots/confusion.png")
 
@@ -55,6 +56,6 @@ OUTPUTS = {
     "prepare": (*ARRAYS, MANIFEST, DATA_REPORT, DATA_COUNTS, DATA_SIZES, DATA_SAMPLES),
     "build": (INIT, SUMMARY),
     "train": (BEST, CHECKPOINTS, TRAIN_METRICS, TRAIN_CURVES),
-    "evaluate": (TEST_METRICS, CONFUSION_CSV, CONFUSION_PNG),
+    "evaluate": (TEST_METRICS, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG),
     "export": (EXPORT_STATE, TORCHSCRIPT, TORCH_EXPORT, EXPORT_INFO),
 }

@@ -14,10 +14,12 @@ checkout and the process id). The store is `MLFLOW_TRACKING_URI`, by default `sq
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -40,9 +42,6 @@ PIPELINE_WRITES = ("dvc.lock", "metrics", "plots")
 MODEL_TAG = "train.best_sha256"
 RETRAIN = "dvc repro --force --downstream train"
 
-# Offline by default; a user who wants telemetry sets these variables themselves.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 # Refuse pickle when loading models through MLflow: a model file planted in the artifact store must
 # not run code on whoever loads it (MLflow's default is to allow it).
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
@@ -62,6 +61,20 @@ def tracking_uri() -> str:
 
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def ui_url() -> str:
+    """Where a person opens the MLflow UI: MLFLOW_UI_URL, the tracking server, or `scripts/mlflow-ui.sh`'s address."""
+    uri = tracking_uri()
+    default = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return (os.environ.get("MLFLOW_UI_URL") or default).rstrip("/")
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    with store():
+        experiment_id = client().get_run(run_id).info.experiment_id
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -132,22 +145,28 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def git_tags() -> dict[str, str]:
-    """The commit and whether the working tree differed from it, for lineage."""
+def git(*args: str) -> str | None:
+    """The output of a git command in the current folder, or None when git or the repository is missing."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
 
+def git_tags(params_path: Path, params_changed: bool) -> dict[str, str]:
+    """The commit, and whether the checkout differs from it, for lineage.
+
+    The params file counts by its values (`params_changed`, from `tasks.naming.changes`), not its
+    text: `--set` and `dvc exp run -S` rewrite it in their own layout. What a pipeline run itself
+    rewrites (dvc.lock, metrics, plots) does not count.
+    """
     commit = git("rev-parse", "HEAD")
-    # What a pipeline run itself rewrites (dvc.lock, metrics, plots) does not count as dirty.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in PIPELINE_WRITES))
+    skip = [*PIPELINE_WRITES, str(params_path)]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in skip))
     return {
         "mlflow.source.git.commit": commit or "unknown",
-        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "git.dirty": "unknown" if status is None else str(bool(status) or params_changed).lower(),
     }
 
 
@@ -160,12 +179,20 @@ def process_tags() -> dict[str, str]:
     }
 
 
+# Opens the experiment in the MLflow UI's model-training view (MLflow 3 otherwise guesses, often GenAI).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id() -> str:
     c = client()
     name = experiment_name()
     with store():
         experiment = c.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else c.create_experiment(name)
+        if experiment is None:
+            return c.create_experiment(name, tags=EXPERIMENT_KIND)
+        if "mlflow.experimentKind" not in experiment.tags:  # made by an older version, or by hand
+            c.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return experiment.experiment_id
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:
@@ -192,8 +219,8 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     return closed
 
 
-def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> str:
-    """Create the run with its params and tags; return its id."""
+def start_run(flat_params: dict[str, Any], tags: dict[str, str], name: str | None = None) -> str:
+    """Create the run with its params, tags and name; return its id."""
     from mlflow.entities import Param
 
     check_store(must_exist=False)
@@ -201,7 +228,7 @@ def start_run(flat_params: dict[str, Any], tags: dict[str, str]) -> str:
     experiment_id = _experiment_id()
     close_abandoned_runs(experiment_id)
     with store():
-        run = c.create_run(experiment_id, tags={**git_tags(), **process_tags(), **tags})
+        run = c.create_run(experiment_id, tags={**process_tags(), **tags}, run_name=name)
         run_id = run.info.run_id
         c.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat_params.items()])
     return run_id
@@ -268,6 +295,12 @@ def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:
             c.log_artifact(run_id, str(path), folder)
 
 
+def log_table(run_id: str, table: dict[str, list], artifact_file: str) -> None:
+    """A table (column name -> values) as a JSON artifact that the MLflow UI shows as a table."""
+    with store():
+        client().log_table(run_id, table, artifact_file)
+
+
 KILLED_RUNS: list[str] = []  # what this process marked KILLED: the interrupt message names them
 
 
@@ -277,6 +310,36 @@ def end_run(run_id: str, status: str) -> None:
         client().set_terminated(run_id, status)
     if status == "KILLED":
         KILLED_RUNS.append(run_id)
+
+
+@contextmanager
+def stage_run(run_id: str, stage: str) -> Iterator[None]:
+    """The run is RUNNING while `stage` works in it, and ends with the stage: FINISHED, FAILED or KILLED.
+
+    Every step that adds to the run does this, so the run ends when the last step that ran ends,
+    with that step's end time: after export in a full run, after evaluate when only evaluate was
+    out of date. A failed step's message stays on the run (`pipeline.error`) until a step succeeds.
+    """
+    from tasks.errors import PipelineError
+
+    with store():
+        run = client().get_run(run_id)
+        if run.info.status != "RUNNING":
+            client().update_run(run_id, status="RUNNING")
+    set_tags(run_id, {**process_tags(), "pipeline.stage": stage})
+    try:
+        yield
+    except BaseException as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"  # Ctrl-C, SIGTERM: stopped from outside
+        with contextlib.suppress(PipelineError):
+            if isinstance(exc, PipelineError):
+                set_tags(run_id, {"pipeline.error": f"{stage}: {exc}"[:5000]})
+            end_run(run_id, status)
+        raise
+    if "pipeline.error" in run.data.tags:
+        with store():
+            client().delete_tag(run_id, "pipeline.error")
+    end_run(run_id, "FINISHED")
 
 
 def carry_over(run_id: str, model_sha256: str) -> str | None:
@@ -300,7 +363,8 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
             return None
         source = done[0]
         now = int(time.time() * 1000)
-        tests = [Metric(k, v, now, 0) for k, v in source.data.metrics.items() if k.startswith("test/")]
+        # test/accuracy, test/f1_macro, test/loss; not the per-class ones that older runs logged as metrics
+        tests = [Metric(k, v, now, 0) for k, v in source.data.metrics.items() if re.fullmatch(r"test/[^/]+", k)]
         c.log_batch(run_id, metrics=tests)
         outputs = source.outputs.model_outputs if source.outputs else []
         # Only the models that run logged itself and finished: not those it carried over in turn.
@@ -358,7 +422,7 @@ def current_run_id(model: Path) -> str:
             experiments = [e.experiment_id for e in c.search_experiments()]
             found = c.search_runs(
                 experiments,
-                filter_string=f"tags.`{MODEL_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+                filter_string=f"tags.`{MODEL_TAG}` = '{digest}'",
                 order_by=["attributes.start_time DESC"],
             )
         if found:

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import BY_HAND, StepContext, inputs, paths, tracking
+from tasks import BY_HAND, StepContext, inputs, naming, paths, tracking
 from tasks.core import checkpoint, distributed
 from tasks.core.data import EpochSampler, augmentation, loader
 from tasks.core.loops import EpochState, Recipe, build_schedule, train_one_epoch, validate
@@ -400,6 +400,36 @@ def latest_checkpoint(key: str, used: dict) -> tuple[dict, Path] | None:
     return state, path
 
 
+def run_tags(params: Params, ctx: StepContext) -> dict[str, str]:
+    """What a person sees of the run: its name and description, where it was started from, the commit.
+
+    The flow passes the name it gave its own flow run (`mlflow.runName`) and that run's address;
+    otherwise the name is made here, the same way.
+    """
+    changed = naming.changes(params, naming.committed_params(ctx.params_path))
+    experiment = naming.experiment_name()
+    links = {}
+    if url := ctx.tags.get("prefect.flow_run_url"):
+        links["Prefect flow run"] = url
+    if experiment:
+        links["DVC experiment"] = f"{experiment} (`dvc exp show`)"
+    if ctx.tags.get("orchestrator") == "prefect":
+        entry = "flows/pipeline.py"
+    elif os.environ.get("DVC_STAGE"):
+        entry = "dvc.yaml"
+    else:
+        entry = "tasks"  # python -m tasks train
+    return {
+        "mlflow.runName": naming.run_name(params, changed, experiment),
+        "mlflow.note.content": naming.describe(params, changed, links),
+        "mlflow.source.name": str(Path.cwd().resolve() / entry),
+        "mlflow.source.type": "LOCAL",
+        **({"dvc.experiment": experiment} if experiment else {}),
+        **tracking.git_tags(ctx.params_path, bool(changed)),
+        **ctx.tags,
+    }
+
+
 def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | None) -> tuple[Run, dict | None]:
     """Continue the MLflow run that wrote the checkpoint, or start one; return its id and the state to resume."""
     key = tags[RESUME_TAG]
@@ -415,7 +445,7 @@ def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | No
         tracking.reopen_run(run_id, {**tags, "train.resumed_from": path.name})
         print(f"train: resuming MLflow run {run_id} from {path} (epoch {state['loop']['epoch']} done)")
     else:
-        run_id = tracking.start_run(params.flat(), tags=tags)
+        run_id = tracking.start_run(params.flat(), tags=tags, name=tags.pop("mlflow.runName", None))
         if state is not None:
             print(
                 f"train: resuming from {path} (epoch {state['loop']['epoch']} done) in a new MLflow run, {run_id}: "
@@ -446,7 +476,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     try:
         state = None
         if me.main:
-            tags = {"data.sha256": data_hash, RESUME_TAG: key, **ctx.tags}
+            tags = {"data.sha256": data_hash, RESUME_TAG: key, **run_tags(params, ctx)}
             run, state = open_run(params, tags, found)
             run_id = run.id
             tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])

@@ -23,7 +23,17 @@ import pytest
 from tasks import STAGES, paths
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["tasks", "flows", "data/raw/README.md", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+SOURCES = [
+    "tasks",
+    "flows",
+    "data/raw/README.md",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvc/offline-plots.html",
+    ".dvcignore",
+    ".gitignore",
+]
 # Every file a stage writes: what a failure must leave byte-identical. The checkpoints are the one
 # exception by design: a run writes them as it goes, so that the next run can resume from them.
 OUTPUTS = [str(p) for stage in STAGES for p in paths.OUTPUTS[stage] if p != paths.CHECKPOINTS]
@@ -170,6 +180,16 @@ def immutable(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect server for the whole session (each start costs 10-20 s on 2 cores)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
