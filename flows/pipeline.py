@@ -305,6 +305,18 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
     return results
 
 
+def runs_list() -> str:
+    """The runs list with its saved columns, or the UI's address when the store cannot say which experiment."""
+    from tasks import tracking
+
+    try:
+        with tracking.store():
+            experiment = tracking.client().get_experiment_by_name(tracking.experiment_name())
+    except PipelineError:
+        experiment = None
+    return tracking.runs_list_url(experiment.experiment_id) if experiment else tracking.ui_url()
+
+
 def summary() -> str:
     """Where the results are, for the end of a run."""
     from tasks.paths import EXPORT_INFO as INFO
@@ -329,7 +341,7 @@ def summary() -> str:
             f"model_state.pt state dict; how to apply it: {INFO})",
             "plots: plots/confusion.png, plots/train.csv  (`dvc plots show` writes dvc_plots/index.html)",
             where,
-            "MLflow UI: bash scripts/mlflow-ui.sh, then open http://127.0.0.1:5000",
+            f"MLflow UI: bash scripts/mlflow-ui.sh, then open {runs_list()}",
         ]
     )
 

@@ -179,8 +179,27 @@ def process_tags() -> dict[str, str]:
     }
 
 
-# Opens the experiment in the MLflow UI's model-training view (MLflow 3 otherwise guesses, often GenAI).
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The runs list as a saved MLflow view: without it, the list shows no param and no metric until a
+# person picks columns. Opened by `runs_list_url` (the UI's "share view" link, `?viewStateShareKey=`);
+# "Override saved view" in the UI makes it that person's default.
+VIEW_KEY = "pipeline-columns"
+RUNS_VIEW = {
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+    "selectedColumns": [
+        "attributes.`Created`",
+        "attributes.`Duration`",
+        "attributes.`Source`",
+        "attributes.`Version`",
+        *(f"params.`{k}`" for k in ("build.model", "train.epochs", "train.lr", "train.optimizer", "train.batch_size")),
+        *(f"metrics.`{k}`" for k in ("test/accuracy", "test/f1_macro", "val/accuracy", "best_epoch")),
+    ],
+}
+EXPERIMENT_TAGS = {
+    # Opens the experiment in the UI's model-training view (MLflow 3 otherwise guesses, often GenAI).
+    "mlflow.experimentKind": "custom_model_development",
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(RUNS_VIEW),
+}
 
 
 def _experiment_id() -> str:
@@ -189,10 +208,16 @@ def _experiment_id() -> str:
     with store():
         experiment = c.get_experiment_by_name(name)
         if experiment is None:
-            return c.create_experiment(name, tags=EXPERIMENT_KIND)
-        if "mlflow.experimentKind" not in experiment.tags:  # made by an older version, or by hand
-            c.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+            return c.create_experiment(name, tags=EXPERIMENT_TAGS)
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made by an older version, or by hand
+            if key not in experiment.tags:
+                c.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
+
+
+def runs_list_url(experiment_id: str, base: str | None = None) -> str:
+    """The experiment's runs list in the MLflow UI, with the main params and metrics as columns."""
+    return f"{base or ui_url()}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:

@@ -145,6 +145,8 @@ def test_two_flow_runs_are_named_alike_in_prefect_and_mlflow_linked_and_report_r
     c = tracking.client()
     experiment = c.get_experiment_by_name("pipeline")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the training view
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])  # the runs list's columns
+    assert "params.`train.lr`" in view["selectedColumns"] and "metrics.`test/accuracy`" in view["selectedColumns"]
     runs = c.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
     assert len(runs) == 2
     expected_names = ["cnn-digits epochs=2", "cnn-digits epochs=4 lr=0.01"]

@@ -1,0 +1,160 @@
+"""Screenshots of what a person sees: MLflow runs list, run page and compare view, a Prefect flow run, DVC plots.
+
+    source scripts/env.sh
+    python docs/screenshots.py                    # the local MLflow UI, Prefect server and dvc_plots/index.html
+    python docs/screenshots.py --out /tmp/shots   # elsewhere
+
+Needs the MLflow UI (`bash scripts/mlflow-ui.sh`) and the Prefect server (`python -m flows.server`)
+running, some pipeline runs in them, and `dvc plots show` run once. The README's pictures were made
+in a fresh clone after `python -m flows.pipeline`, `--set train.lr=0.01` and `--set build.model=mlp`.
+
+Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
+`websockets` package that Prefect already brings: each page is opened in a fresh profile, given
+time to draw, and MLflow's assistant panel, which opens by itself on a first visit, is closed.
+The DVC page is opened with every network request refused, as a user without a network would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class Browser:
+    """One headless Chromium, one tab, spoken to over the DevTools protocol."""
+
+    def __init__(self, width: int, height: int, offline: bool = False) -> None:
+        from websockets.sync.client import connect
+
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={self.profile}"]
+        if offline:  # every request through a proxy that does not exist: nothing from the network can load
+            args += ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]
+        self.process = subprocess.Popen(
+            [shutil.which("chromium") or "chromium", *args, "--remote-debugging-port=0", "about:blank"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        port = self._port()
+        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        target = next(p for p in pages if p["type"] == "page")
+        self.socket = connect(target["webSocketDebuggerUrl"], max_size=None)
+        self.ids = itertools.count(1)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def _port(self) -> int:
+        for line in self.process.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
+            if "DevTools listening on" in line:
+                return int(line.split("127.0.0.1:")[1].split("/")[0])
+        raise RuntimeError("chromium did not start; install it with: apt-get install -y chromium")
+
+    def call(self, method: str, **params) -> dict:
+        ident = next(self.ids)
+        self.socket.send(json.dumps({"id": ident, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == ident:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
+
+    def open(self, url: str, wait: float) -> None:
+        self.call("Page.navigate", url=url)
+        time.sleep(wait)
+
+    def shot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        print(f"{path} ({path.stat().st_size // 1024} KiB)")
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def mlflow_pages(mlflow: str, out: Path) -> None:
+    from tasks import tracking
+
+    c = tracking.client()
+    experiment = c.get_experiment_by_name(tracking.experiment_name())
+    runs = c.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=3)
+    ids = [r.info.run_id for r in runs]
+    browser = Browser(1600, 1000)
+    try:
+        browser.open(mlflow, wait=6)
+        # A first visit opens the assistant panel over a third of the page: mark it seen and closed.
+        browser.js(
+            "localStorage.setItem('mlflow.assistant.panelOpen', 'false');"
+            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad', 'true')"
+        )
+        browser.open(tracking.runs_list_url(experiment.experiment_id, mlflow), wait=10)
+        browser.shot(out / "mlflow-runs.png")
+        browser.open(f"{mlflow}/#/experiments/{experiment.experiment_id}/runs/{ids[0]}/model-metrics", wait=10)
+        browser.shot(out / "mlflow-run-curves.png")
+        browser.open(f"{mlflow}/#/experiments/{experiment.experiment_id}/runs/{ids[0]}", wait=8)
+        browser.shot(out / "mlflow-run.png")
+        runs_arg = urllib.request.quote(json.dumps(ids))
+        experiments_arg = urllib.request.quote(json.dumps([experiment.experiment_id]))
+        browser.open(f"{mlflow}/#/compare-runs?runs={runs_arg}&experiments={experiments_arg}", wait=10)
+        browser.shot(out / "mlflow-compare.png")
+    finally:
+        browser.close()
+
+
+def prefect_page(prefect: str, out: Path) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    browser = Browser(1600, 1000)
+    try:
+        browser.open(f"{prefect}/runs/flow-run/{latest.id}", wait=10)
+        browser.shot(out / "prefect-flow-run.png")
+        browser.open(f"{prefect}/runs/flow-run/{latest.id}?tab=Artifacts", wait=8)
+        browser.shot(out / "prefect-artifacts.png")
+    finally:
+        browser.close()
+
+
+def plots_page(page: Path, out: Path) -> None:
+    browser = Browser(1400, 1700, offline=True)
+    try:
+        browser.open(page.resolve().as_uri(), wait=6)
+        browser.shot(out / "dvc-plots.png")
+    finally:
+        browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mlflow", default="http://127.0.0.1:5000", help="the MLflow UI (default: %(default)s)")
+    parser.add_argument("--prefect", default="http://127.0.0.1:4200", help="the Prefect UI (default: %(default)s)")
+    parser.add_argument("--plots", type=Path, default=Path("dvc_plots/index.html"), help="`dvc plots show`'s page")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the PNGs go (default: docs/)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    mlflow_pages(args.mlflow.rstrip("/"), args.out)
+    prefect_page(args.prefect.rstrip("/"), args.out)
+    plots_page(args.plots, args.out)
+
+
+if __name__ == "__main__":
+    main()
