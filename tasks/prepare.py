@@ -244,13 +244,18 @@ def write_plots(manifest: dict, report: dict, staged_path: dict[Path, Path]) -> 
     sizes = ["width,height,images"] + [f"{r['width']},{r['height']},{r['images']}" for r in report["original_sizes"]]
     staged_path[paths.DATA_SIZES].write_text("\n".join(sizes) + "\n")
     train_images, train_labels = staged_path[paths.images("train")], staged_path[paths.labels("train")]
-    n_classes, max_value = len(manifest["classes"]), manifest["max_value"]
-    samples_grid(train_images, train_labels, n_classes, max_value, staged_path[paths.DATA_SAMPLES])
+    samples_grid(
+        train_images, train_labels, manifest["classes"], manifest["max_value"], staged_path[paths.DATA_SAMPLES]
+    )
 
 
-def samples_grid(images_path: Path, labels_path: Path, n_classes: int, max_value: int, out: Path, per_class: int = 8):
-    """One row per class of its first train images (`torchvision.utils.make_grid`), at least 32 pixels each."""
+def samples_grid(
+    images_path: Path, labels_path: Path, classes: list[str], max_value: int, out: Path, per_class: int = 8
+):
+    """One row per class of its first train images (`torchvision.utils.make_grid`), at least 32 pixels each,
+    with the class's name at the start of its row."""
     import torch
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.io import encode_png
     from torchvision.transforms.v2 import functional as F
     from torchvision.utils import make_grid
@@ -259,6 +264,7 @@ def samples_grid(images_path: Path, labels_path: Path, n_classes: int, max_value
     labels = np.load(labels_path)
     c, h, w = images.shape[1:]
     tiles = []
+    n_classes = len(classes)
     for k in range(n_classes):
         picked = np.flatnonzero(labels == k)[:per_class]
         block = torch.zeros(per_class, c, h, w, dtype=torch.uint8)
@@ -273,4 +279,18 @@ def samples_grid(images_path: Path, labels_path: Path, n_classes: int, max_value
         factor = -(-32 // min(h, w))
         grid = F.resize(grid, [h * factor, w * factor], interpolation=F.InterpolationMode.NEAREST)
     picture = make_grid(grid, nrow=per_class, padding=2, pad_value=128)
-    out.write_bytes(encode_png(picture).numpy().tobytes())
+    # The names in a column on the left, in PIL's built-in bitmap font: the same bytes on every
+    # machine, but Latin-1 only (other characters show as "?").
+    font = ImageFont.load_default_imagefont()
+    names = [(n if len(n) <= 20 else n[:18] + "..").encode("latin-1", "replace").decode("latin-1") for n in classes]
+    width = max(int(font.getlength(name)) for name in names) + 8
+    image = Image.new("RGB", (width + picture.shape[2], picture.shape[1]), (255, 255, 255))
+    image.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (width, 0))
+    draw = ImageDraw.Draw(image)
+    row = (picture.shape[1] - 2) / n_classes
+    for k, name in enumerate(names):
+        left, top, right, bottom = font.getbbox(name)
+        y = 2 + row * k + (row - 2 - (bottom - top)) / 2 - top
+        draw.text((width - 4 - (right - left), round(y)), name, fill=(0, 0, 0), font=font)
+    labelled = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    out.write_bytes(encode_png(labelled).numpy().tobytes())

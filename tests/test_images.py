@@ -272,6 +272,13 @@ def test_data_report_counts_sizes_and_sample_grid(folder):
     assert sum(int(n) for _, _, n in sizes) == 24 and all(32 <= int(w) <= 48 for w, _, _ in sizes)
     grid = Image.open(paths.DATA_SAMPLES)
     assert grid.format == "PNG" and grid.height > 3 * 32  # a row of 8 samples per class
+    # Each row starts with its class's name: dark text on the white margin left of the 8 square tiles.
+    row = (grid.height - 2) / 3
+    margin = round(grid.width - 8 * row - 2)
+    pixels = np.array(grid.convert("L"))
+    assert margin > 10 and all(
+        (pixels[round(k * row) + 2 : round((k + 1) * row), :margin] < 128).any() for k in range(3)
+    )
     assert json.loads(paths.DATA_REPORT.read_text())["skipped"] == []
 
 
