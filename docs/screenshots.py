@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import itertools
 import json
 import shutil
@@ -52,6 +53,9 @@ class Browser:
         target = next(p for p in pages if p["type"] == "page")
         self.socket = connect(target["webSocketDebuggerUrl"], max_size=None)
         self.ids = itertools.count(1)
+        self.size(width, height)
+
+    def size(self, width: int, height: int) -> None:
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def _port(self) -> int:
@@ -73,13 +77,41 @@ class Browser:
     def js(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
 
-    def open(self, url: str, wait: float) -> None:
+    def open(self, url: str, until: str, settle: float = 2.0, timeout: float = 60, ready: str | None = None) -> None:
+        """Go to `url`, wait until it shows the text `until` (or the JS `ready` holds), then `settle` seconds."""
         self.call("Page.navigate", url=url)
-        time.sleep(wait)
+        deadline = time.monotonic() + timeout
+        ready = ready or f"document.body && document.body.innerText.includes({json.dumps(until)})"
+        while not self.js(ready):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not show {until!r} within {timeout} s")
+            time.sleep(0.5)
+        time.sleep(settle)
+
+    def click(self, selector: str) -> bool:
+        return bool(self.js(f"(e => e ? (e.click(), true) : false)(document.querySelector({json.dumps(selector)}))"))
+
+    def click_text(self, text: str, until: str, settle: float = 3.0, timeout: float = 30) -> None:
+        """Click the innermost element whose text is `text` (a tab), then wait for `until` to show."""
+        self.js(
+            "(t => { const all = [...document.querySelectorAll('body *')]"
+            ".filter(e => (e.innerText || '').trim() === t); if (all.length) all[all.length - 1].click(); })"
+            f"({json.dumps(text)})"
+        )
+        deadline = time.monotonic() + timeout
+        while not self.js(f"document.body.innerText.includes({json.dumps(until)})"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clicking {text!r} did not show {until!r} within {timeout} s")
+            time.sleep(0.5)
+        time.sleep(settle)
 
     def shot(self, path: Path) -> None:
+        """Save the page as a PNG of 256 colours: a third of the bytes in git, the same to the eye for these UIs."""
+        from PIL import Image
+
         data = self.call("Page.captureScreenshot", format="png")["data"]
-        path.write_bytes(base64.b64decode(data))
+        image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
         print(f"{path} ({path.stat().st_size // 1024} KiB)")
 
     def close(self) -> None:
@@ -96,23 +128,25 @@ def mlflow_pages(mlflow: str, out: Path) -> None:
     experiment = c.get_experiment_by_name(tracking.experiment_name())
     runs = c.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=3)
     ids = [r.info.run_id for r in runs]
+    names = [r.info.run_name for r in runs]
+    mode = tracking.UI_MODE
     browser = Browser(1600, 1000)
     try:
-        browser.open(mlflow, wait=6)
-        # A first visit opens the assistant panel over a third of the page: mark it seen and closed.
-        browser.js(
-            "localStorage.setItem('mlflow.assistant.panelOpen', 'false');"
-            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad', 'true')"
-        )
-        browser.open(tracking.runs_list_url(experiment.experiment_id, mlflow), wait=10)
+        browser.open(tracking.runs_list_url(experiment.experiment_id, mlflow), until=names[0], settle=4)
+        # A first visit opens the assistant panel over a third of the page: close it (the UI remembers).
+        browser.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        time.sleep(1)
         browser.shot(out / "mlflow-runs.png")
-        browser.open(f"{mlflow}/#/experiments/{experiment.experiment_id}/runs/{ids[0]}/model-metrics", wait=10)
+        run_page = f"{mlflow}/#/experiments/{experiment.experiment_id}/runs/{ids[0]}"
+        browser.size(1600, 1400)  # the test metrics' row, then the curves
+        browser.open(f"{run_page}/model-metrics?{mode}", until=names[0], settle=8)
         browser.shot(out / "mlflow-run-curves.png")
-        browser.open(f"{mlflow}/#/experiments/{experiment.experiment_id}/runs/{ids[0]}", wait=8)
+        browser.size(1600, 1000)
+        browser.open(f"{run_page}?{mode}", until="Description", settle=3)
         browser.shot(out / "mlflow-run.png")
         runs_arg = urllib.request.quote(json.dumps(ids))
         experiments_arg = urllib.request.quote(json.dumps([experiment.experiment_id]))
-        browser.open(f"{mlflow}/#/compare-runs?runs={runs_arg}&experiments={experiments_arg}", wait=10)
+        browser.open(f"{mlflow}/#/compare-runs?runs={runs_arg}&experiments={experiments_arg}&{mode}", until=names[-1])
         browser.shot(out / "mlflow-compare.png")
     finally:
         browser.close()
@@ -126,10 +160,11 @@ def prefect_page(prefect: str, out: Path) -> None:
         latest = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
     browser = Browser(1600, 1000)
     try:
-        browser.open(f"{prefect}/runs/flow-run/{latest.id}", wait=10)
+        browser.open(f"{prefect}/runs/flow-run/{latest.id}", until="export", settle=4)
         browser.shot(out / "prefect-flow-run.png")
-        browser.open(f"{prefect}/runs/flow-run/{latest.id}?tab=Artifacts", wait=8)
-        browser.shot(out / "prefect-artifacts.png")
+        browser.click_text("Artifacts", until="pipeline-results")
+        browser.click_text("pipeline-results", until="test metric")
+        browser.shot(out / "prefect-results.png")
     finally:
         browser.close()
 
@@ -137,7 +172,8 @@ def prefect_page(prefect: str, out: Path) -> None:
 def plots_page(page: Path, out: Path) -> None:
     browser = Browser(1400, 1700, offline=True)
     try:
-        browser.open(page.resolve().as_uri(), wait=6)
+        charts = "document.querySelectorAll('.vega-embed canvas, .vega-embed svg.marks').length >= 4"
+        browser.open(page.resolve().as_uri(), until="4 charts", ready=charts, settle=3)
         browser.shot(out / "dvc-plots.png")
     finally:
         browser.close()

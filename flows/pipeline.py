@@ -294,13 +294,13 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
         for stage in STAGES:
             if repo is not None and not force and not repo.status(targets=[stage]):
                 STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
-                logger.info("up to date", extra={"stage": stage})
+                logger.info(f"{stage}: up to date", extra={"stage": stage})  # the terminal drops "stage: "
                 results[stage] = "up to date"
                 continue
             results[stage] = STEP_TASKS[stage](stage, params_path, tags)
             if repo is not None:
                 repo.commit(stage, force=True)
-                logger.info("committed to dvc.lock", extra={"stage": stage})
+                logger.info(f"{stage}: committed to dvc.lock", extra={"stage": stage})
     results_artifact(name, before, results)
     return results
 

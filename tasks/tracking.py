@@ -63,6 +63,9 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+UI_MODE = "workflowType=machine_learning"  # the UI's "Model training" side bar, not its GenAI one (the default)
+
+
 def ui_url() -> str:
     """Where a person opens the MLflow UI: MLFLOW_UI_URL, the tracking server, or `scripts/mlflow-ui.sh`'s address."""
     uri = tracking_uri()
@@ -74,7 +77,7 @@ def run_url(run_id: str) -> str:
     """The run's page in the MLflow UI."""
     with store():
         experiment_id = client().get_run(run_id).info.experiment_id
-    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -191,8 +194,8 @@ RUNS_VIEW = {
         "attributes.`Duration`",
         "attributes.`Source`",
         "attributes.`Version`",
-        *(f"params.`{k}`" for k in ("build.model", "train.epochs", "train.lr", "train.optimizer", "train.batch_size")),
-        *(f"metrics.`{k}`" for k in ("test/accuracy", "test/f1_macro", "val/accuracy", "best_epoch")),
+        *(f"metrics.`{k}`" for k in ("test/accuracy", "test/f1_macro", "val/accuracy")),
+        *(f"params.`{k}`" for k in ("build.model", "train.epochs", "train.lr", "train.optimizer")),
     ],
 }
 EXPERIMENT_TAGS = {
@@ -217,7 +220,7 @@ def _experiment_id() -> str:
 
 def runs_list_url(experiment_id: str, base: str | None = None) -> str:
     """The experiment's runs list in the MLflow UI, with the main params and metrics as columns."""
-    return f"{base or ui_url()}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"{base or ui_url()}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{UI_MODE}"
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:

@@ -510,8 +510,8 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
             same = paths.BEST.exists() and sha256_file(paths.BEST) == digest
             if same and (earlier := tracking.carry_over(run_id, digest)):
                 print(
-                    f"train: the same weights as MLflow run {earlier}, so evaluate and export are up to date; "
-                    "its test metrics and models are linked to this run"
+                    f"train: the same weights as MLflow run {earlier}: its test metrics and models are linked to "
+                    "this run (evaluate and export run again only if their own code or params changed)"
                 )
             tracking.end_run(run_id, "FINISHED")
         status = "FINISHED"  # only now: a failed rename above turns the run FAILED again

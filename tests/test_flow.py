@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import urllib.request
 
 import pytest
 
@@ -177,6 +179,9 @@ def test_the_local_server_survives_ctrl_c_and_kills_and_runs_left_running_are_cl
         flow.communicate(timeout=60)
         assert flow.returncode == 130
         assert healthy(api) and (home / "server.pid").read_text() == server_pid
+        # The UI in a browser is told to find the API on this port, not on Prefect's default 4200.
+        ui_settings = urllib.request.urlopen(api.removesuffix("/api") + "/ui-settings", timeout=10)
+        assert json.load(ui_settings)["api_url"] == api
 
         (interrupted,) = mlflow_runs("KILLED")
         flow = start("-m", "flows.pipeline", cwd=project, env=env, session=True)
