@@ -358,3 +358,19 @@ def test_a_repro_killed_mid_epoch_resumes_to_the_same_weights_in_the_same_run(ch
     for key in ("train/loss", "val/loss", "val/accuracy"):
         assert sorted(m.step for m in c.get_metric_history(interrupted.info.run_id, key)) == list(range(1, 31)), key
     assert "up to date" in dvc("status", cwd=changed).stdout
+
+
+def test_a_dvc_experiment_and_its_mlflow_run_share_a_name(changed):
+    """`dvc exp run` names the experiment; the MLflow run it makes carries that name after its own."""
+    path = changed
+    sh("git", "add", "-A", cwd=path)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=path)
+    dvc("exp", "run", "-n", "lower-lr", "-S", "train.lr=0.002", cwd=path)
+    _, runs = mlflow_runs(path)
+    run = max(runs, key=lambda r: r.info.start_time)
+    assert run.info.run_name == "cnn-digits lr=0.002 [lower-lr]"
+    assert run.data.tags["dvc.experiment"] == "lower-lr" and run.data.tags["git.dirty"] == "true"
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline.stage"] == "export"
+    assert "`train.lr`: 0.003 → 0.002" in run.data.tags["mlflow.note.content"]
+    rows = dvc("exp", "show", "--only-changed", "--csv", cwd=path).stdout.splitlines()
+    assert any("lower-lr" in row and "0.002" in row for row in rows)
