@@ -77,7 +77,10 @@ class ExpectedErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
             record.exc_info, record.exc_text = None, None
-        done = record.getMessage().startswith(("Finished in state Completed", "Finished in state Skipped"))
+        try:
+            done = record.getMessage().startswith(("Finished in state Completed", "Finished in state Skipped"))
+        except Exception:  # a malformed record: the handler reports it as logging does
+            done = False
         return not (record.levelno == logging.INFO and done)
 
 
@@ -202,9 +205,11 @@ def run_title() -> str:
     parameters = flow_run.parameters
     try:
         params, changed = changed_params(parameters.get("params_path", str(PARAMS_FILE)), parameters.get("overrides"))
+        return naming.run_name(params, changed, naming.experiment_name())
     except ConfigError:
         return "pipeline (params not valid)"  # the flow stops with the message at once
-    return naming.run_name(params, changed, naming.experiment_name())
+    except Exception:  # a name is not worth a crash before the flow run has even started
+        return "pipeline"
 
 
 def params_artifact(params: Params, changed: dict) -> None:
@@ -212,7 +217,11 @@ def params_artifact(params: Params, changed: dict) -> None:
     from prefect.artifacts import create_table_artifact
 
     rows = [
-        {"param": k, "value": json.dumps(v), "committed": json.dumps(changed[k][0]) if k in changed else ""}
+        {
+            "param": k,
+            "value": json.dumps(v, ensure_ascii=False),
+            "committed": json.dumps(changed[k][0], ensure_ascii=False) if k in changed else "",
+        }
         for k, v in params.flat().items()
     ]
     rows.sort(key=lambda row: row["committed"] == "")
@@ -288,9 +297,10 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
         tags = {
             "orchestrator": "prefect",
             "prefect.flow_run_id": str(flow_run.id),
-            "prefect.flow_run_url": str(url_for("flow-run", obj_id=flow_run.id)),
             "mlflow.runName": name,  # the MLflow run, if train runs, is called like this flow run
         }
+        if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)
+            tags["prefect.flow_run_url"] = url
         for stage in STAGES:
             if repo is not None and not force and not repo.status(targets=[stage]):
                 STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
@@ -305,23 +315,11 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
     return results
 
 
-def runs_list() -> str:
-    """The runs list with its saved columns, or the UI's address when the store cannot say which experiment."""
-    from tasks import tracking
-
-    try:
-        with tracking.store():
-            experiment = tracking.client().get_experiment_by_name(tracking.experiment_name())
-    except PipelineError:
-        experiment = None
-    return tracking.runs_list_url(experiment.experiment_id) if experiment else tracking.ui_url()
-
-
 def summary() -> str:
     """Where the results are, for the end of a run."""
     from tasks.paths import EXPORT_INFO as INFO
     from tasks.paths import TEST_METRICS as METRICS
-    from tasks.tracking import noted_run, run_url, tracking_uri
+    from tasks.tracking import noted_run, run_url, runs_list_link, tracking_uri
 
     if not METRICS.exists() or not INFO.exists():
         return "no results yet"
@@ -341,7 +339,7 @@ def summary() -> str:
             f"model_state.pt state dict; how to apply it: {INFO})",
             "plots: plots/confusion.png, plots/train.csv  (`dvc plots show` writes dvc_plots/index.html)",
             where,
-            f"MLflow UI: bash scripts/mlflow-ui.sh, then open {runs_list()}",
+            f"MLflow UI: bash scripts/mlflow-ui.sh, then open {runs_list_link()}",
         ]
     )
 

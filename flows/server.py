@@ -66,7 +66,7 @@ def _prefect(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop("PREFECT_API_URL", None)
     # Where the UI in the browser finds the API: on PREFECT_PORT, not Prefect's default port 4200.
-    env["PREFECT_UI_API_URL"] = local_url()
+    env.setdefault("PREFECT_UI_API_URL", local_url())
     try:
         return subprocess.run(
             [sys.executable, "-m", "prefect", *args],

@@ -15,6 +15,7 @@ wall of single-point charts.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,13 +83,15 @@ def _evaluate(params: Params, model: torch.nn.Module, run_id: str) -> dict:
 
     # Logged from the staged files, so a store that fails leaves the previous outputs as they were.
     outputs = (paths.TEST_METRICS, paths.PER_CLASS, paths.CONFUSION_CSV, paths.CONFUSION_PNG)
-    with staged(*outputs) as (metrics_file, per_class_file, csv_file, png_file):
+    with staged(*outputs) as (metrics_file, per_class_file, csv_file, png_file), tempfile.TemporaryDirectory() as tmp:
         metrics_file.write_text(json_text({"test": test}))
         per_class_file.write_text(json_text({"per_class": per_class}))
         csv_file.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
         confusion_png(result["confusion"], classes, png_file)
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in test.items()})
-        tracking.log_table(run_id, table, "per_class.json")
+        table_file = Path(tmp) / "per_class.json"  # the MLflow run's table: one row per class
+        table_file.write_text(tracking.table_json(table))
+        tracking.log_table(run_id, table_file)
         tracking.log_artifacts(run_id, "plots", [csv_file, png_file])
         tracking.log_artifacts(run_id, "metrics", [metrics_file, per_class_file])
     n = len(test_set)

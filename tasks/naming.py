@@ -40,6 +40,14 @@ def committed_params(path: Path = PARAMS_FILE) -> dict[str, Any] | None:
         return None
 
 
+def differs_from_head(path: Path = PARAMS_FILE) -> bool:
+    """Whether the file's text differs from git's HEAD (True when HEAD does not have it): the fallback
+    when the committed params cannot be compared by value."""
+    if not git("ls-files", "--", str(path)):
+        return True
+    return bool(git("diff", "HEAD", "--", str(path)))
+
+
 def changes(params: Params, committed: dict[str, Any] | None) -> dict[str, tuple[Any, Any]]:
     """{key: (committed value, this run's value)} for every param that differs; {} without a committed file."""
     if committed is None:
@@ -59,7 +67,9 @@ def _value(value: Any) -> str:
         return "[" + ",".join(map(_value, value)) + "]"
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def data_name(params: Params) -> str:
@@ -80,7 +90,8 @@ def run_name(params: Params, changed: dict[str, tuple[Any, Any]], experiment: st
             name += more
             break
         name += part
-    return name + suffix
+    name += suffix
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"
 
 
 def experiment_name() -> str | None:
@@ -88,7 +99,7 @@ def experiment_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
-def describe(params: Params, changed: dict[str, tuple[Any, Any]], links: dict[str, str]) -> str:
+def describe(params: Params, changed: dict[str, tuple[Any, Any]], links: dict[str, str], compared: bool = True) -> str:
     """A few lines of Markdown for the run's description: what was trained on what, what changed, the links."""
     t = params.train
     lines = [
@@ -98,7 +109,9 @@ def describe(params: Params, changed: dict[str, tuple[Any, Any]], links: dict[st
     ]
     commit = git("rev-parse", "--short", "HEAD")
     base = f"`params.yaml` at commit {commit}" if commit else "`params.yaml`"
-    if changed:
+    if not compared:
+        lines.append(f"Params: not compared with {base} (git's HEAD has no valid params file there); all are logged.")
+    elif changed:
         lines.append(f"Params that differ from {base}:")
         lines += [f"- `{k}`: {_value(old)} → {_value(new)}" for k, (old, new) in changed.items()]
     else:

@@ -249,6 +249,14 @@ def write_plots(manifest: dict, report: dict, staged_path: dict[Path, Path]) -> 
     )
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def samples_grid(
     images_path: Path, labels_path: Path, classes: list[str], max_value: int, out: Path, per_class: int = 8
 ):
@@ -282,7 +290,9 @@ def samples_grid(
     # The names in a column on the left, in PIL's built-in bitmap font: the same bytes on every
     # machine, but Latin-1 only (other characters show as "?").
     font = ImageFont.load_default_imagefont()
-    names = [(n if len(n) <= 20 else n[:18] + "..").encode("latin-1", "replace").decode("latin-1") for n in classes]
+    names = [n if len(n) <= 20 else n[:18] + ".." for n in classes]
+    # A name the font cannot write is shown by its index, so that two such rows stay apart.
+    names = [n if n.isascii() or n.isprintable() and _latin1(n) else f"class {k}" for k, n in enumerate(names)]
     width = max(int(font.getlength(name)) for name in names) + 8
     image = Image.new("RGB", (width + picture.shape[2], picture.shape[1]), (255, 255, 255))
     image.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (width, 0))

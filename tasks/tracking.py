@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,7 +75,8 @@ def ui_url() -> str:
 
 
 def run_url(run_id: str) -> str:
-    """The run's page in the MLflow UI."""
+    """The run's page in the MLflow UI; a TrackingError at once when the store is gone or does not answer."""
+    check_store(must_exist=True)
     with store():
         experiment_id = client().get_run(run_id).info.experiment_id
     return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
@@ -151,7 +153,9 @@ def _client(uri: str) -> MlflowClient:
 def git(*args: str) -> str | None:
     """The output of a git command in the current folder, or None when git or the repository is missing."""
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -212,10 +216,21 @@ def _experiment_id() -> str:
         experiment = c.get_experiment_by_name(name)
         if experiment is None:
             return c.create_experiment(name, tags=EXPERIMENT_TAGS)
-        for key, value in EXPERIMENT_TAGS.items():  # an experiment made by an older version, or by hand
-            if key not in experiment.tags:
+        for key, value in EXPERIMENT_TAGS.items():  # made by an older version, or by hand
+            if experiment.tags.get(key) != value:
                 c.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
+
+
+def runs_list_link() -> str:
+    """The project experiment's runs list with its saved columns, or the UI's address when there is none yet."""
+    try:
+        check_store(must_exist=True)  # a server that does not answer: no minutes of retries for a link
+        with store():
+            experiment = client().get_experiment_by_name(experiment_name())
+    except TrackingError:
+        experiment = None
+    return runs_list_url(experiment.experiment_id) if experiment else ui_url()
 
 
 def runs_list_url(experiment_id: str, base: str | None = None) -> str:
@@ -323,10 +338,25 @@ def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:
             c.log_artifact(run_id, str(path), folder)
 
 
-def log_table(run_id: str, table: dict[str, list], artifact_file: str) -> None:
-    """A table (column name -> values) as a JSON artifact that the MLflow UI shows as a table."""
+def table_json(table: dict[str, list]) -> str:
+    """A table (column name -> values) in the JSON form MLflow's UI shows as a table (what `log_table` writes)."""
+    columns = list(table)
+    return json.dumps({"columns": columns, "data": [list(row) for row in zip(*table.values(), strict=True)]})
+
+
+def log_table(run_id: str, path: Path) -> None:
+    """Log a `table_json` file at the run's root, replacing an earlier one, and mark it as a table for the UI.
+
+    Not `MlflowClient.log_table`: it appends to a table of the same name, so an evaluate run twice
+    in one run (a changed `evaluate.*` param) would show every class twice.
+    """
+    c = client()
     with store():
-        client().log_table(run_id, table, artifact_file)
+        c.log_artifact(run_id, str(path))
+        logged = json.loads(c.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        entry = {"path": path.name, "type": "table"}
+        if entry not in logged:
+            c.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*logged, entry]))
 
 
 KILLED_RUNS: list[str] = []  # what this process marked KILLED: the interrupt message names them
@@ -359,9 +389,11 @@ def stage_run(run_id: str, stage: str) -> Iterator[None]:
         yield
     except BaseException as exc:
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"  # Ctrl-C, SIGTERM: stopped from outside
+        if status == "FAILED":
+            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(PipelineError):
+                set_tags(run_id, {"pipeline.error": f"{stage}: {reason}"[:5000]})
         with contextlib.suppress(PipelineError):
-            if isinstance(exc, PipelineError):
-                set_tags(run_id, {"pipeline.error": f"{stage}: {exc}"[:5000]})
             end_run(run_id, status)
         raise
     if "pipeline.error" in run.data.tags:
@@ -383,9 +415,10 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
     with store():
         earlier = c.search_runs(
             [_experiment_id()],
-            filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}' and attributes.status != 'RUNNING'",
             order_by=["attributes.start_time DESC"],
         )
+        # Any that has test results: one whose export failed (FAILED) still evaluated these weights.
         done = [r for r in earlier if r.info.run_id != run_id and any(k.startswith("test/") for k in r.data.metrics)]
         if not done:
             return None
@@ -400,6 +433,8 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
         own = [m for m in models if m.source_run_id == source.info.run_id and str(m.status) == "READY"]
         if own:
             c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in own])
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:  # older runs have no table
+        log_table(run_id, Path(c.download_artifacts(source.info.run_id, "per_class.json", tmp)))
     set_tags(run_id, {"pipeline.same_model_as": source.info.run_id})
     return source.info.run_id
 
@@ -454,6 +489,9 @@ def current_run_id(model: Path) -> str:
                 order_by=["attributes.start_time DESC"],
             )
         if found:
+            # This checkout's run first, then a finished one (a killed train may have tagged its run).
+            here = process_tags()["pipeline.checkout"]
+            found.sort(key=lambda r: (r.data.tags.get("pipeline.checkout") != here, r.info.status != "FINISHED"))
             return found[0].info.run_id
         raise TrackingError(
             f"no MLflow run in {tracking_uri()} trained {model} (sha256 {digest[:12]}; the run was deleted, or the "

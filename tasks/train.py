@@ -406,7 +406,10 @@ def run_tags(params: Params, ctx: StepContext) -> dict[str, str]:
     The flow passes the name it gave its own flow run (`mlflow.runName`) and that run's address;
     otherwise the name is made here, the same way.
     """
-    changed = naming.changes(params, naming.committed_params(ctx.params_path))
+    committed = naming.committed_params(ctx.params_path)
+    changed = naming.changes(params, committed)
+    # By value where git's HEAD has a valid params file, else by text (or "differs" when it has none).
+    differs = bool(changed) if committed is not None else naming.differs_from_head(ctx.params_path)
     experiment = naming.experiment_name()
     links = {}
     if url := ctx.tags.get("prefect.flow_run_url"):
@@ -421,11 +424,11 @@ def run_tags(params: Params, ctx: StepContext) -> dict[str, str]:
         entry = "tasks"  # python -m tasks train
     return {
         "mlflow.runName": naming.run_name(params, changed, experiment),
-        "mlflow.note.content": naming.describe(params, changed, links),
+        "mlflow.note.content": naming.describe(params, changed, links, compared=committed is not None),
         "mlflow.source.name": str(Path.cwd().resolve() / entry),
         "mlflow.source.type": "LOCAL",
         **({"dvc.experiment": experiment} if experiment else {}),
-        **tracking.git_tags(ctx.params_path, bool(changed)),
+        **tracking.git_tags(ctx.params_path, differs),
         **ctx.tags,
     }
 

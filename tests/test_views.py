@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,11 @@ def test_git_dirty_is_judged_on_the_values_not_the_yaml_layout(project):
     (project / "params.yaml").write_text(yaml.safe_dump(tree, default_flow_style=True))
     assert sh("git", "status", "--porcelain", cwd=project).stdout.strip() == "M params.yaml"
     assert dirty() == "false"
+    # A params file git does not have cannot be compared by value: the run is dirty, and says why.
+    other = project / "other.yaml"
+    other.write_text((project / "params.yaml").read_text())
+    tags = run_tags(load(other), StepContext(params_path=Path("other.yaml")))
+    assert tags["git.dirty"] == "true" and "not compared with" in tags["mlflow.note.content"]
     # Any other tracked file that differs from the commit does make the run dirty.
     (project / "tasks/naming.py").write_text((project / "tasks/naming.py").read_text() + "\n# edited\n")
     assert dirty() == "true"
@@ -116,8 +122,17 @@ def test_the_run_ends_with_the_last_step_and_a_failed_step_marks_it_failed(train
     assert not [k for k in after.data.metrics if k.count("/") > 1]
     table = json.loads((paths.PER_CLASS).read_text())["per_class"]
     assert len(table) == 10 and sum(row["support"] for row in table.values()) == 270
-    logged = {a.path for a in c.list_artifacts(run_id)}
-    assert "per_class.json" in logged
+
+    def table_rows() -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            return len(json.loads(Path(c.download_artifacts(run_id, "per_class.json", tmp)).read_text())["data"])
+
+    assert table_rows() == 10
+    run_stage("evaluate", params, StepContext())  # again in the same run (say, an evaluate param changed)
+    assert table_rows() == 10  # replaced, not appended to
+    assert json.loads(c.get_run(run_id).data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": "per_class.json", "type": "table"}
+    ]
 
 
 def prefect_view(flow_run_id) -> tuple[object, dict[str, object], dict[str, object]]:
