@@ -283,6 +283,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
         progress = Progress(me.main)
         metric = cfg.select_metric
         started, first_epoch = time.monotonic(), done["epoch"] + 1
+        cpu_started = time.process_time()  # every thread's: the checkpoint writer's and MLflow's included
         for epoch in range(first_epoch, cfg.epochs + 1):
             if done["stopped_early"]:
                 break
@@ -334,7 +335,8 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
     finally:
         with contextlib.suppress(Exception):
             writer.wait()  # after a failure or Ctrl-C too: the checkpoint being written lands
-    return {**done, "device": str(device), "loop_seconds": time.monotonic() - started}
+    loop = {"loop_seconds": time.monotonic() - started, "loop_cpu_seconds": time.process_time() - cpu_started}
+    return {**done, "device": str(device), **loop}
 
 
 def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
@@ -539,6 +541,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         "run_id": run_id,
         "best_epoch": result["best_epoch"],
         "loop_seconds": result["loop_seconds"],  # the epochs alone, for benchmarks/overhead.py
+        "loop_cpu_seconds": result["loop_cpu_seconds"],
     }
 
 
