@@ -33,6 +33,9 @@ SOURCES = [
     ".dvc/offline-plots.html",
     ".dvcignore",
     ".gitignore",
+    "prefect.yaml",
+    "scripts",
+    "requirements.lock",
 ]
 # Every file a stage writes: what a failure must leave byte-identical. The checkpoints are the one
 # exception by design: a run writes them as it goes, so that the next run can resume from them.
