@@ -279,6 +279,8 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
     """Run the stale steps in order (all of them with `force`); return what each step returned."""
     from prefect import get_run_logger
 
+    from tasks import naming
+
     path = Path(params_path)
     logger = get_run_logger()
     results: dict[str, Any] = {}
@@ -292,7 +294,7 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
         # Checked here too, for a deployment's parameters, before anything runs.
         params = write_overrides(path, overrides) if overrides else load(path)
         name = flow_run.name  # run_title's, from the same params
-        params_artifact(params, changed_params(params_path, None)[1])
+        params_artifact(params, naming.changes(params, naming.committed_params(path)))
         before = test_metrics()
         tags = {
             "orchestrator": "prefect",

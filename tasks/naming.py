@@ -26,7 +26,7 @@ NOT_IN_NAME = ("train.checkpoint.", "train.num_workers", "prepare.workers")
 
 def committed_params(path: Path = PARAMS_FILE) -> dict[str, Any] | None:
     """The flat params of `path` as git's HEAD has it, or None (no git, not committed, or not valid)."""
-    from tasks.params import ConfigError, _yaml, validate
+    from tasks.params import _yaml, validate
 
     relative = git("ls-files", "--full-name", "--", str(path))
     if not relative:
@@ -36,7 +36,7 @@ def committed_params(path: Path = PARAMS_FILE) -> dict[str, Any] | None:
         return None
     try:
         return validate(_yaml().load(text) or {}, source=f"HEAD:{relative}").flat()
-    except (ConfigError, Exception):  # an old commit's params may not validate against today's model
+    except Exception:  # an old commit's params may not validate against today's model (a ConfigError)
         return None
 
 

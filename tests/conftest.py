@@ -73,6 +73,15 @@ def set_param(project: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def make_project(dest: Path, edits: dict[str, str] | None = None) -> Path:
     """Copy the project's code and config into `dest`, apply param edits, commit it all with git."""
     dest.mkdir(parents=True, exist_ok=True)

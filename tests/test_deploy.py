@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dvc, sh
+from tests.conftest import dvc, free_port, sh
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(url: str, path: str, body: dict | None = None):

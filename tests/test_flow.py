@@ -13,7 +13,7 @@ import pytest
 from flows.server import healthy
 from tasks import STAGES
 from tasks.params import ConfigError
-from tests.conftest import dvc, one_line_error, sh, start, wait_for
+from tests.conftest import dvc, free_port, one_line_error, sh, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,14 +87,6 @@ def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: params.yaml: train.lr: got 0; input should be greater than 0"
     assert "lr: 0.003" in (project / "params.yaml").read_text()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flow_run_states(port: str) -> list[str]:

@@ -74,8 +74,9 @@ def test_git_dirty_is_judged_on_the_values_not_the_yaml_layout(project):
 
 def test_telemetry_is_off_in_every_entry_point_without_the_scripts(tmp_path):
     """`source .venv/bin/activate` then `python -m ...`: no env.sh, yet no tool sends usage data."""
-    env = {k: v for k, v in os.environ.items() if k not in {"DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY",
-           "PREFECT_SERVER_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS"}}  # fmt: skip
+    from tasks import TELEMETRY_OFF
+
+    env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
     code = "import {}, os, json; print(json.dumps({{k: os.environ.get(k) for k in {!r}}}))"
     keys = ["DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS"]
     for module in ("tasks", "flows", "tasks.tracking"):
