@@ -277,18 +277,31 @@ def start_run(flat_params: dict[str, Any], tags: dict[str, str], name: str | Non
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, synchronous: bool = True) -> Any:
-    """Log at `step`; with `synchronous=False` return at once, and `wait` on what this returns later."""
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log at `step`, now."""
+    log_steps(run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+MAX_BATCH = 1000  # metrics in one call: what MLflow's REST API takes
+
+
+def log_steps(run_id: str, rows: list[tuple[int, int, dict[str, float]]], synchronous: bool = True) -> list[Any]:
+    """Log (step, time in ms, metrics) rows in as few calls as the store takes.
+
+    With `synchronous=False` return at once, and `wait` on what this returns later.
+    """
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ms, step) for step, ms, metrics in rows for k, v in metrics.items()]
     with store():
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        return client().log_batch(run_id, metrics=batch, synchronous=synchronous)
+        return [
+            client().log_batch(run_id, metrics=batch[start : start + MAX_BATCH], synchronous=synchronous)
+            for start in range(0, len(batch), MAX_BATCH)
+        ]
 
 
 def wait(operations: list[Any]) -> None:
-    """Send what asynchronous `log_metrics` calls left queued, now; any failure becomes a TrackingError."""
+    """Send what asynchronous `log_steps` calls left queued, now; any failure becomes a TrackingError."""
     if not operations:
         return
     with store():

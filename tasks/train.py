@@ -372,19 +372,39 @@ def gate(params: Params, epoch: int, first_loss: float, train_loss: float, best:
 
 
 class Run:
-    """This training's MLflow run (rank 0 only; None elsewhere). Epoch metrics are sent without waiting."""
+    """This training's MLflow run (rank 0 only; None elsewhere). Epoch metrics are sent without waiting.
+
+    Epochs shorter than `EVERY` seconds are sent together, at most once per `EVERY` seconds: one
+    call to the store costs about 2 ms of CPU, a few per cent of a 100 ms epoch. Each row keeps its
+    own step and time, so the curves are the same; a kill loses at most the rows not yet sent,
+    which the resume logs again from the checkpoint's history.
+    """
+
+    EVERY = 1.0
 
     def __init__(self, run_id: str | None, logged: set[int] | None = None) -> None:
         self.id = run_id
         self.logged = logged or set()  # epochs the run has already: a resume from an older checkpoint redoes them
         self.pending: list = []
+        self.rows: list[tuple[int, int, dict[str, float]]] = []  # not sent yet
+        self.sent = -math.inf
 
     def log_epoch(self, row: dict[str, float], epoch: int) -> None:
-        if self.id is not None and epoch not in self.logged:
-            self.pending.append(tracking.log_metrics(self.id, row, step=epoch, synchronous=False))
+        if self.id is None or epoch in self.logged:
+            return
+        self.rows.append((epoch, int(time.time() * 1000), row))
+        if time.monotonic() - self.sent >= self.EVERY:
+            self.send()
+
+    def send(self) -> None:
+        rows, self.rows = self.rows, []
+        if rows:
+            self.pending += tracking.log_steps(self.id, rows, synchronous=False)
+            self.sent = time.monotonic()
 
     def flush(self) -> None:
-        """Store every metric sent so far; a failure to store one is a TrackingError here."""
+        """Store every metric logged so far; a failure to store one is a TrackingError here."""
+        self.send()
         pending, self.pending = self.pending, []
         tracking.wait(pending)
 
@@ -461,9 +481,9 @@ def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | No
         return Run(run_id), None
     # Epochs checkpointed but not logged (a kill between the two, or a new run): log them now, once.
     logged = tracking.logged_steps(run_id, "train/loss")
-    for row in state["loop"]["history"]:
-        if row["epoch"] not in logged:
-            tracking.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    now = int(time.time() * 1000)
+    missing = [row for row in state["loop"]["history"] if row["epoch"] not in logged]
+    tracking.log_steps(run_id, [(row["epoch"], now, {k: v for k, v in row.items() if k != "epoch"}) for row in missing])
     return Run(run_id, logged | {row["epoch"] for row in state["loop"]["history"]}), state
 
 
