@@ -3,10 +3,13 @@
     source scripts/env.sh
     python docs/screenshots.py                    # the local MLflow UI, Prefect server and dvc_plots/index.html
     python docs/screenshots.py --out /tmp/shots   # elsewhere
+    python docs/screenshots.py --pages deployment --prefect http://127.0.0.1:4300   # some pages only
 
 Needs the MLflow UI (`bash scripts/mlflow-ui.sh`) and the Prefect server (`python -m flows.server`)
 running, some pipeline runs in them, and `dvc plots show` run once. The README's pictures were made
-in a fresh clone after `python -m flows.pipeline`, `--set train.lr=0.01` and `--set build.model=mlp`.
+in a fresh clone after `python -m flows.pipeline`, `--set train.lr=0.01` and `--set build.model=mlp`;
+the deployment's, in a fresh clone after `scripts/deploy.sh`, a worker, `scripts/retrain.sh
+train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges).
 
 Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
 `websockets` package that Prefect already brings: each page is opened in a fresh profile, given
@@ -21,6 +24,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +173,31 @@ def prefect_page(prefect: str, out: Path) -> None:
         browser.close()
 
 
+def deployment_pages(prefect: str, out: Path) -> None:
+    """The `retrain` deployment (its schedule and runs), and its latest failed run (the task that failed)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("pipeline/retrain")
+        failed = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=dict(type=FlowRunFilterStateType(any_=[StateType.FAILED]))),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+    browser = Browser(1600, 1000)
+    try:
+        browser.open(f"{prefect}/deployments/deployment/{deployment.id}", until="retrain", settle=4)
+        browser.shot(out / "prefect-deployment.png")
+        if failed:
+            browser.open(f"{prefect}/runs/flow-run/{failed[0].id}", until="diverged", settle=4)
+            browser.shot(out / "prefect-failed-run.png")
+    finally:
+        browser.close()
+
+
 def plots_page(page: Path, out: Path) -> None:
     browser = Browser(1400, 1700, offline=True)
     try:
@@ -179,17 +208,22 @@ def plots_page(page: Path, out: Path) -> None:
         browser.close()
 
 
+PAGES = {"mlflow": mlflow_pages, "prefect": prefect_page, "deployment": deployment_pages, "plots": plots_page}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mlflow", default="http://127.0.0.1:5000", help="the MLflow UI (default: %(default)s)")
     parser.add_argument("--prefect", default="http://127.0.0.1:4200", help="the Prefect UI (default: %(default)s)")
     parser.add_argument("--plots", type=Path, default=Path("dvc_plots/index.html"), help="`dvc plots show`'s page")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the PNGs go (default: docs/)")
+    parser.add_argument("--pages", nargs="+", choices=PAGES, default=list(PAGES), help="which pages (default: all)")
     args = parser.parse_args()
+    os.environ["PREFECT_API_URL"] = args.prefect.rstrip("/") + "/api"  # before Prefect reads its settings
     args.out.mkdir(parents=True, exist_ok=True)
-    mlflow_pages(args.mlflow.rstrip("/"), args.out)
-    prefect_page(args.prefect.rstrip("/"), args.out)
-    plots_page(args.plots, args.out)
+    for name in args.pages:
+        source = {"mlflow": args.mlflow.rstrip("/"), "plots": args.plots}.get(name, args.prefect.rstrip("/"))
+        PAGES[name](source, args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m flows.pipeline                         # run what is out of date
     python -m flows.pipeline --set train.lr=0.01     # override params (written to params.yaml)
     python -m flows.pipeline --force                 # run every step
+    python -m flows.pipeline --pull                  # dvc pull from the default remote first
 
 Each step is a Prefect task named like its DVC stage, calling the same function as
 `dvc repro`, in this one process. Inside a DVC repository the flow holds DVC's lock on the
@@ -25,12 +26,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from tasks import STAGES, StepContext, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
-from tasks.errors import PipelineError, TrackingError
+from tasks.errors import DataError, PipelineError, TrackingError
 from tasks.files import process_alive
 from tasks.params import PARAMS_FILE, ConfigError, Params, check_writable, load, write_overrides
 
@@ -43,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
         p, set_help="override a param and write it to the params file, e.g. --set train.lr=0.01 (repeatable)"
     )
     p.add_argument("--force", action="store_true", help="run every step, even those DVC finds up to date")
+    p.add_argument(
+        "--pull", action="store_true", help="first `dvc pull` the data and outputs from the default DVC remote, if any"
+    )
     return p
 
 
@@ -274,12 +279,93 @@ def results_artifact(name: str, before: dict | None, results: dict) -> None:
     )
 
 
-@flow(name="pipeline", flow_run_name=run_title, log_prints=True)
-def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = None, force: bool = False) -> dict:
-    """Run the stale steps in order (all of them with `force`); return what each step returned."""
-    from prefect import get_run_logger
+def pull_data(repo: Any, logger: Any) -> None:
+    """`dvc pull` from the default remote, when one is configured: the data and outputs dvc.lock names.
 
-    from tasks import naming
+    Train's checkpoints only into a checkout that has none: those of an interrupted training are
+    newer than dvc.lock's, and are what the next run resumes from. What neither the cache nor the
+    remote has (not pushed yet, or a remote DVC cannot reach: for an HTTP remote DVC cannot tell
+    the two apart) is left out with one warning: those stages are stale and run. Files changed in
+    the checkout and saved nowhere are not overwritten: the pull is refused, naming them.
+    """
+    from dvc.exceptions import CheckoutError, DvcException
+
+    from tasks import paths
+
+    remote = repo.config["core"].get("remote")
+    if not remote:
+        logger.info("pull: no default DVC remote (`dvc remote add -d NAME URL`): using the checkout's data")
+        return
+    root = Path(repo.root_dir)
+    keep = checkpoint_files(root)  # an interrupted training's, or dvc.lock's: either way nothing to fetch
+    targets = [
+        str(root / out) for stage in STAGES for out in paths.OUTPUTS[stage] if not (keep and out == paths.CHECKPOINTS)
+    ]
+    missing: list[str] = []
+    quiet = [logging.getLogger(name) for name in ("dvc", "dvc_data")]  # their warning lists every missing hash
+    levels = [logger_.level for logger_ in quiet]
+    for logger_ in quiet:
+        logger_.setLevel(logging.ERROR)
+    try:
+        result = repo.pull(targets=targets)
+    except CheckoutError as exc:
+        result = exc.result
+        missing = sorted(os.path.relpath(os.path.abspath(path), repo.root_dir) for path in exc.target_infos)
+    except (DvcException, ImportError) as exc:  # ImportError: a remote type whose plugin is not installed
+        text = str(exc)
+        if text.startswith("Can't remove the following unsaved files"):
+            changed = [os.path.relpath(line, repo.root_dir) for line in text.splitlines()[1:]]
+            raise DataError(
+                f"dvc pull would overwrite files changed in this checkout and saved nowhere ({', '.join(changed[:3])}"
+                f"{' ...' if len(changed) > 3 else ''}); `dvc commit` them or delete them, then run again"
+            ) from None
+        reason = " ".join(text.split())[:300] or type(exc).__name__
+        raise DataError(
+            f"dvc pull from remote '{remote}' failed: {reason}; check `dvc remote list` and that the remote is "
+            "reachable, or run with pull off"
+        ) from None
+    finally:
+        for logger_, level in zip(quiet, levels, strict=True):
+            logger_.setLevel(level)
+    stats = result["stats"]
+    count = {k: v if isinstance(v, int) else len(v) for k, v in stats.items()}  # counts, or lists of paths
+    changed = sum(count.get(kind, 0) for kind in ("added", "modified", "deleted"))
+    logger.info(f"pull: remote '{remote}': {count.get('fetched', 0)} files fetched, {changed} changed in the checkout")
+    if missing:
+        logger.warning(
+            f"pull: {len(missing)} outputs are neither in the DVC cache nor on remote '{remote}' (not pushed yet, or "
+            f"the remote cannot be reached): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+            "the stages that make them run"
+        )
+
+
+def checkpoint_files(root: Path = Path()) -> list[str]:
+    from tasks.paths import CHECKPOINTS
+
+    folder = root / CHECKPOINTS
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def take_back(path: Path, text: str, overrides: list[str], logger: Any) -> None:
+    """Put the params file back as it was before the overrides: the run they were for failed."""
+    from tasks.files import write_text
+
+    write_text(path, text)
+    taken = " ".join(overrides)
+    logger.warning(f"{path}: the overrides {taken} were taken back: the run failed before any step completed")
+
+
+@flow(name="pipeline", flow_run_name=run_title, log_prints=True)
+def pipeline(
+    params_path: str = str(PARAMS_FILE), overrides: list[str] | None = None, force: bool = False, pull: bool = False
+) -> dict:
+    """Run the stale steps in order (all of them with `force`); return what each step returned.
+
+    `pull`: first `dvc pull` the data and outputs from the default DVC remote, if one is configured.
+    A run that fails before any step completed, and before training wrote a checkpoint, leaves the
+    params file as it found it.
+    """
+    from prefect import get_run_logger
 
     path = Path(params_path)
     logger = get_run_logger()
@@ -291,30 +377,58 @@ def pipeline(params_path: str = str(PARAMS_FILE), overrides: list[str] | None = 
                 f"--params {path}: in a DVC repository the params are {PARAMS_FILE}, which dvc.lock records; "
                 "edit it or use --set"
             )
-        # Checked here too, for a deployment's parameters, before anything runs.
+        load(path, overrides or [])  # checked here too, for a deployment's parameters, before anything runs
+        if pull and repo is not None:
+            pull_data(repo, logger)
+        original = path.read_text() if overrides else None
         params = write_overrides(path, overrides) if overrides else load(path)
-        name = flow_run.name  # run_title's, from the same params
-        params_artifact(params, naming.changes(params, naming.committed_params(path)))
-        before = test_metrics()
-        tags = {
-            "orchestrator": "prefect",
-            "prefect.flow_run_id": str(flow_run.id),
-            "mlflow.runName": name,  # the MLflow run, if train runs, is called like this flow run
-        }
-        if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)
-            tags["prefect.flow_run_url"] = url
-        for stage in STAGES:
-            if repo is not None and not force and not repo.status(targets=[stage]):
-                STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
-                logger.info(f"{stage}: up to date", extra={"stage": stage})  # the terminal drops "stage: "
-                results[stage] = "up to date"
-                continue
-            results[stage] = STEP_TASKS[stage](stage, params_path, tags)
-            if repo is not None:
-                repo.commit(stage, force=True)
-                logger.info(f"{stage}: committed to dvc.lock", extra={"stage": stage})
-    results_artifact(name, before, results)
+        checkpoints = checkpoint_files()
+        try:
+            run_steps(repo, path, params, force, results)
+        except Exception:
+            # Taken back only if nothing was made with them: no step completed, and no checkpoint was
+            # written (an interrupted training resumes from its checkpoints with the same params).
+            # Not after Ctrl-C or a cancel either: the user runs again with the same params to go on.
+            nothing = not any(r != "up to date" for r in results.values()) and checkpoint_files() == checkpoints
+            if original is not None and nothing:
+                take_back(path, original, overrides, logger)
+            raise
     return results
+
+
+def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[str, Any]) -> None:
+    """The steps, in order; each one that ran is committed to dvc.lock and recorded in `results`."""
+    from prefect import get_run_logger
+
+    from tasks import naming
+
+    logger = get_run_logger()
+    params_path = str(path)
+    name = flow_run.name  # run_title's, from the same params
+    params_artifact(params, naming.changes(params, naming.committed_params(path)))
+    before = test_metrics()
+    tags = {
+        "orchestrator": "prefect",
+        "prefect.flow_run_id": str(flow_run.id),
+        "mlflow.runName": name,  # the MLflow run, if train runs, is called like this flow run
+    }
+    if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)
+        tags["prefect.flow_run_url"] = url
+    for stage in STAGES:
+        if repo is not None and not force and not repo.status(targets=[stage]):
+            STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
+            logger.info(f"{stage}: up to date", extra={"stage": stage})  # the terminal drops "stage: "
+            results[stage] = "up to date"
+            continue
+        try:
+            results[stage] = STEP_TASKS[stage](stage, params_path, tags)
+        except PipelineError as exc:
+            exc.args = (f"{stage}: {exc}",)  # the flow run's message, and the terminal's line, name the step
+            raise
+        if repo is not None:
+            repo.commit(stage, force=True)
+            logger.info(f"{stage}: committed to dvc.lock", extra={"stage": stage})
+    results_artifact(name, before, results)
 
 
 def summary() -> str:
@@ -349,7 +463,7 @@ def summary() -> str:
 def main(args: argparse.Namespace) -> None:
     stop_on_sigterm()
     with user_errors():
-        pipeline(params_path=str(args.params), overrides=args.overrides or None, force=args.force)
+        pipeline(params_path=str(args.params), overrides=args.overrides or None, force=args.force, pull=args.pull)
     print(summary())
 
 

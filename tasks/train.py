@@ -258,13 +258,18 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
         )
         checkpoint.set_rng_state(resume["rng"][me.rank])  # one per process: the key holds their number
 
+    stale = [resume is None]  # the checkpoints of other inputs: kept until this run writes its first
+
     def save(finished: bool = False) -> None:
         """Every process's RNG state is gathered; rank 0 alone writes."""
         rng = distributed.gather(checkpoint.rng_state())
         if not me.main:
             return
+        if stale[0]:  # not before: a run that fails before its first checkpoint leaves the outputs as they were
+            checkpoint.clear(paths.CHECKPOINTS)
+            stale[0] = False
         state = {
-            "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished,
+            "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished, "run_id": run.id,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None,
             "plateau": plateau.state_dict() if plateau else None,
@@ -461,8 +466,14 @@ def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | No
     tracking.check_store(must_exist=False)  # an unreachable server: one line now, not minutes of retries
     earlier = tracking.latest_run_with(RESUME_TAG, key)
     state, path = found if found else (None, None)
-    if state is not None and state["done"] and (earlier is None or earlier[1] == "FINISHED"):
-        # A finished training is resumed only to write its outputs, when a kill stopped it after the last epoch.
+    # A finished training is resumed only to write its outputs, when a kill stopped it after the last
+    # epoch: its own run is then the latest, and not FINISHED. Else (a new training of the same inputs
+    # that crashed before its first checkpoint, say) it is an old result, not to be passed off as new.
+    if (
+        state is not None
+        and state["done"]
+        and (earlier is None or earlier[1] == "FINISHED" or state.get("run_id") != earlier[0])
+    ):
         print(f"train: {path.name} ends a finished training; training again from epoch 1")
         state = None
     if state is not None and earlier is not None:
@@ -477,8 +488,7 @@ def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | No
                 f"the run that wrote it is not in {tracking.tracking_uri()}"
             )
     if state is None:
-        checkpoint.clear(paths.CHECKPOINTS)
-        return Run(run_id), None
+        return Run(run_id), None  # the old checkpoints go when this run writes its first
     # Epochs checkpointed but not logged (a kill between the two, or a new run): log them now, once.
     logged = tracking.logged_steps(run_id, "train/loss")
     now = int(time.time() * 1000)

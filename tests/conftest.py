@@ -237,3 +237,72 @@ def clone(template: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def trained(trained_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the trained project and its MLflow store, as the working directory."""
     return clone(trained_template, tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a loopback port; yields its URL without a database name.
+
+    PostgreSQL refuses to run as root: under root the cluster belongs to `nobody`, in a folder of
+    its own under /tmp (pytest's folders are closed to other users). Authentication is `trust`,
+    which is safe on 127.0.0.1 of a test machine only.
+    """
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    folder = Path(tempfile.mkdtemp(prefix="postgres-"))
+    user = None
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("nobody").pw_uid
+        os.chown(folder, user, -1)
+    data, port = folder / "data", free_port()
+    run = dict(capture_output=True, text=True, user=user, cwd=folder)
+    try:
+        made = subprocess.run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], **run)
+        assert made.returncode == 0, f"initdb failed: {made.stderr}"
+        options = f"-h 127.0.0.1 -p {port} -k {folder}"
+        started = subprocess.run(
+            [pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"), "-o", options, "start"], **run
+        )
+        log = (folder / "log").read_text() if (folder / "log").exists() else ""
+        assert started.returncode == 0, f"pg_ctl start failed: {started.stderr}{log}"
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+    finally:
+        if data.is_dir():
+            subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], **run)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(url: str, name: str) -> str:
+    """A new, empty database in the cluster at `url` (as the `postgres` fixture yields it); its URL."""
+    import asyncio
+
+    import asyncpg
+
+    async def create() -> None:
+        connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql") + "/postgres")
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return f"{url}/{name}"
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    """Rows of one SQL query against the database at `url`."""
+    import asyncio
+
+    import asyncpg
+
+    async def fetch() -> list[tuple]:
+        connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import dvc, free_port, sh
+from tests.conftest import create_database, dvc, free_port, query, sh
 
 pytestmark = pytest.mark.slow
 
@@ -27,57 +30,136 @@ def api(url: str, path: str, body: dict | None = None):
         return json.load(response)
 
 
-def test_a_deployment_retrains_through_a_worker_one_run_at_a_time(project, tmp_path):
-    """deploy.sh and worker.sh as the README runs them; two triggers: the second waits for the first."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_PORT": str(free_port()), "VENV": sys.prefix})
-    url = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
-    worker = None
-    try:
-        deployed = sh("bash", "scripts/deploy.sh", cwd=project, env=env)
-        assert "pipeline/retrain" in deployed.stdout + deployed.stderr
-        (deployment,) = api(url, "deployments/filter", {})
-        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-        assert deployment["global_concurrency_limit"]["limit"] == 1
-        assert deployment["work_pool_name"] == "pipeline"
+def trigger(url: str, deployment: dict, overrides: list[str]) -> str:
+    """A flow run of the deployment, as the UI's "Run" or `prefect deployment run` creates one; its id."""
+    body = {"parameters": {"overrides": overrides, "force": False}}
+    return api(url, f"deployments/{deployment['id']}/create_flow_run", body)["id"]
 
-        worker = subprocess.Popen(
-            ["bash", "scripts/worker.sh"], cwd=project, env=env, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        ids = []
-        for epochs in (2, 3):  # 3 is the committed value: that run's name has no param in it
-            body = {"parameters": {"overrides": [f"train.epochs={epochs}"], "force": False}}
-            ids.append(api(url, f"deployments/{deployment['id']}/create_flow_run", body)["id"])
-        deadline = time.monotonic() + 600
-        while True:
-            runs = {r["id"]: r for r in api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})}
-            if all(runs[i]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for i in ids):
-                break
-            assert time.monotonic() < deadline, f"flow runs not done in 600 s: {[runs[i]['state_name'] for i in ids]}"
-            time.sleep(2)
-        assert [runs[i]["state_type"] for i in ids] == ["COMPLETED", "COMPLETED"]
-        # One at a time: the later run started only after the earlier one ended.
-        first, second = sorted((runs[i] for i in ids), key=lambda r: r["start_time"])
-        assert first["end_time"] <= second["start_time"]
-        assert sorted(r["name"] for r in runs.values()) == ["cnn-digits", "cnn-digits epochs=2"]
-        for run_id in ids:
-            artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
-            assert {"pipeline-params", "pipeline-results"} <= {a["key"] for a in artifacts}
+
+def wait_for_runs(url: str, ids: list[str], timeout: float = 600) -> dict[str, dict]:
+    """The flow runs, once every one has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {r["id"]: r for r in api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})}
+        if all(runs[i]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for i in ids):
+            return runs
+        assert time.monotonic() < deadline, f"flow runs not done in {timeout} s: {[runs[i]['state_name'] for i in ids]}"
+        time.sleep(2)
+
+
+def outputs(project: Path) -> dict[str, bytes]:
+    """Every file the pipeline writes or records (the checkpoints too), and params.yaml, by content."""
+    found = {}
+    for folder in ("data/prepared", "models", "metrics", "plots"):
+        for path in sorted((project / folder).rglob("*")):
+            if path.is_file():
+                found[str(path.relative_to(project))] = path.read_bytes()
+    for name in ("dvc.lock", "params.yaml"):
+        found[name] = (project / name).read_bytes()
+    return found
+
+
+@contextmanager
+def deployed(project: Path, home: Path, workers: int = 1, env: dict | None = None) -> Iterator[tuple[str, dict]]:
+    """deploy.sh and `workers` worker.sh as the README runs them, on a free port; yields (API URL, deployment)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **(env or {})}
+    env.update({"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port()), "VENV": sys.prefix})
+    url = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+    started = []
+    try:
+        done = sh("bash", "scripts/deploy.sh", cwd=project, env=env)
+        assert "pipeline/retrain" in done.stdout + done.stderr
+        (deployment,) = api(url, "deployments/filter", {})
+        for n in range(workers):
+            started.append(
+                subprocess.Popen(
+                    ["bash", "scripts/worker.sh", "--name", f"worker-{n + 1}"],
+                    cwd=project,
+                    env=env,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+            )
+        yield url, deployment
     finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGINT)
-            worker.communicate(timeout=60)
+        for worker in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGINT)
+        for worker in started:
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
         sh(sys.executable, "-m", "flows.server", "--stop", cwd=project, env=env, check=False)
 
-    # dvc.lock is true to the last run, and MLflow has one FINISHED run per flow run, named like it.
-    assert "up to date" in dvc("status", cwd=project).stdout
-    last = second["parameters"]["overrides"][0].split("=")[1]  # params.yaml says what the last run used
-    assert f"epochs: {last}" in (project / "params.yaml").read_text()
+
+def two_runs_one_at_a_time(url: str, deployment: dict) -> list[dict]:
+    """Two triggers at once, with different params: both complete, the second starts after the first ends."""
+    ids = [trigger(url, deployment, [f"train.epochs={epochs}"]) for epochs in (2, 3)]
+    runs = wait_for_runs(url, ids)
+    assert [runs[i]["state_type"] for i in ids] == ["COMPLETED", "COMPLETED"]
+    first, second = sorted((runs[i] for i in ids), key=lambda r: r["start_time"])
+    assert first["end_time"] <= second["start_time"]
+    # 3 is the committed value: that run's name has no param in it.
+    assert sorted(r["name"] for r in runs.values()) == ["cnn-digits", "cnn-digits epochs=2"]
+    for run_id in ids:
+        artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        assert {"pipeline-params", "pipeline-results"} <= {a["key"] for a in artifacts}
+    return [first, second]
+
+
+def trained_as_the_runs_say(project: Path, runs: list[dict]) -> None:
+    """dvc.lock is true to the last run, and MLflow has one FINISHED run per flow run, named like it."""
     from tasks.tracking import client
 
+    assert "up to date" in dvc("status", cwd=project).stdout
+    last = runs[-1]["parameters"]["overrides"][0].split("=")[1]  # params.yaml says what the last run used
+    assert f"epochs: {last}" in (project / "params.yaml").read_text()
     c = client()
     finished = c.search_runs([c.get_experiment_by_name("pipeline").experiment_id], "attributes.status = 'FINISHED'")
     assert sorted(r.info.run_name for r in finished) == ["cnn-digits", "cnn-digits epochs=2"]
-    assert {r.data.tags["prefect.flow_run_id"] for r in finished} == set(ids)
+    assert {r.data.tags["prefect.flow_run_id"] for r in finished} == {r["id"] for r in runs}
     assert Path(project / "metrics/evaluate.json").exists()
+
+
+def test_a_deployment_retrains_through_a_worker_one_run_at_a_time(project, tmp_path):
+    """The schedule and limit as deployed; two triggers, the second waiting; a failing run changes nothing."""
+    with deployed(project, tmp_path / "prefect") as (url, deployment):
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["work_pool_name"] == "pipeline"
+        assert deployment["parameters"] == {"overrides": [], "force": False, "pull": True}
+        runs = two_runs_one_at_a_time(url, deployment)
+
+        # A retrain whose training diverges: Failed, naming train and why; every output as it was, and
+        # params.yaml without the override that failed.
+        before = outputs(project)
+        failed_id = trigger(url, deployment, ["train.lr=10"])
+        failed = wait_for_runs(url, [failed_id])[failed_id]
+        assert failed["state_type"] == "FAILED"
+        assert "train: training diverged at epoch 1" in failed["state"]["message"]
+        tasks = api(url, "task_runs/filter", {"flow_runs": {"id": {"any_": [failed_id]}}})
+        assert {t["name"]: t["state_type"] for t in tasks} == {
+            "prepare": "COMPLETED", "build": "COMPLETED", "train": "FAILED"
+        }  # fmt: skip
+        assert outputs(project) == before
+    trained_as_the_runs_say(project, runs)
+
+
+def test_the_same_deployment_on_a_postgresql_server_with_two_workers(project, tmp_path, postgres):
+    """A team's server: Prefect on PostgreSQL, two workers polling the one pool, the limit of one still held."""
+    database = create_database(postgres, "prefect")
+    env = {"PREFECT_API_DATABASE_CONNECTION_URL": database}
+    with deployed(project, tmp_path / "prefect", workers=2, env=env) as (url, deployment):
+        deadline = time.monotonic() + 60
+        while len(online := api(url, "work_pools/pipeline/workers/filter", {})) < 2:
+            assert time.monotonic() < deadline, f"workers online after 60 s: {online}"
+            time.sleep(1)
+        assert sorted(w["name"] for w in online) == ["worker-1", "worker-2"]
+        runs = two_runs_one_at_a_time(url, deployment)
+    # The server kept them in PostgreSQL (beside the runs it scheduled for the nights to come).
+    stored = query(database, "SELECT name, state_type FROM flow_run WHERE start_time IS NOT NULL ORDER BY start_time")
+    assert stored == [(r["name"], "COMPLETED") for r in runs]
+    trained_as_the_runs_say(project, runs)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -87,6 +89,22 @@ def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: params.yaml: train.lr: got 0; input should be greater than 0"
     assert "lr: 0.003" in (project / "params.yaml").read_text()
+
+    # A run that fails before any step completed takes its overrides back: the params file stays true
+    # to the outputs, and the next run (a scheduled one) trains on the params that worked.
+    failed = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.lr=10", cwd=project, env=env, check=False)
+    assert failed.returncode == 5
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: train: training diverged at epoch 1: ")
+    assert "params.yaml: the overrides train.lr=10 were taken back: the run failed before any step completed" in (
+        failed.stderr
+    )
+    assert "lr: 0.003" in (project / "params.yaml").read_text()
+    assert "up to date" in dvc("status", cwd=project).stdout
+    # Once a step completed (build, with the new channels, is in dvc.lock), the overrides stay.
+    both = ["--set", "build.channels=[4,8]", "--set", "train.lr=10"]
+    failed = sh(sys.executable, "-m", "flows.pipeline", *both, cwd=project, env=env, check=False)
+    assert failed.returncode == 5 and "taken back" not in failed.stderr
+    assert "lr: 10" in (project / "params.yaml").read_text()
 
 
 def flow_run_states(port: str) -> list[str]:
@@ -236,3 +254,70 @@ def test_a_crashed_train_task_is_retried_by_prefect_and_resumes_in_the_same_run(
     assert flow.pipeline(force=True, return_state=True).is_completed()  # an uninterrupted training from scratch
     assert sha256_file(paths.BEST) == retried
     assert {r.info.status for r in mlflow_runs()} == {"FINISHED"}
+
+
+def test_a_run_with_pull_takes_what_the_dvc_remote_has_and_runs_only_the_rest(
+    prefect_api, project, tmp_path, monkeypatch
+):
+    """A worker's fresh checkout: `pull` brings the data and outputs dvc.lock names; no step needs to run."""
+    from flows.pipeline import pipeline
+    from tasks import paths
+    from tasks.errors import DataError
+    from tasks.files import sha256_file
+
+    assert pipeline(return_state=True).is_completed()
+    dvc("remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=project)
+    dvc("push", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "trained", cwd=project)
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(project), str(fresh), cwd=tmp_path)
+    monkeypatch.chdir(fresh)
+    assert not paths.BEST.exists()
+
+    state = pipeline(pull=True, return_state=True)
+    assert state.is_completed()
+    assert set(state.result().values()) == {"up to date"}  # every output came from the remote
+    assert sha256_file(paths.BEST) == sha256_file(project / paths.BEST)
+    assert "up to date" in dvc("status", cwd=fresh).stdout
+
+    # Checkpoints newer than dvc.lock's (an interrupted training's) are left for the resume; an output
+    # changed in the checkout and saved nowhere is not overwritten: one line names it.
+    from dvc.repo import Repo
+
+    from flows.pipeline import pull_data
+
+    said, warned = [], []
+    logger = SimpleNamespace(info=said.append, warning=warned.append)
+    newer = fresh / paths.CHECKPOINTS / "step-000000999-epoch-0099-0123456789abcdef.pt"
+    newer.write_bytes(b"an interrupted training's")
+    with Repo(str(fresh)) as repo:
+        pull_data(repo, logger)
+    assert newer.exists() and not warned
+    (fresh / paths.BEST).write_bytes(b"changed by hand")
+    with Repo(str(fresh)) as repo, pytest.raises(DataError) as error:
+        pull_data(repo, logger)
+    assert str(error.value) == (
+        "dvc pull would overwrite files changed in this checkout and saved nowhere (models/train/best.pt); "
+        "`dvc commit` them or delete them, then run again"
+    )
+    assert (fresh / paths.BEST).read_bytes() == b"changed by hand"
+
+    # Another fresh checkout, and a remote that cannot be reached: what it lacks is named in one warning,
+    # and those stages are left to run. A remote of a kind this install cannot read: one line, naming it.
+    other = tmp_path / "other"
+    sh("git", "clone", "-q", str(project), str(other), cwd=tmp_path)
+    dvc("remote", "modify", "store", "url", "http://127.0.0.1:1/store", cwd=other)
+    with Repo(str(other)) as repo:
+        pull_data(repo, logger)
+    (warning,) = warned
+    assert re.fullmatch(
+        r"pull: \d+ outputs are neither in the DVC cache nor on remote 'store' \(not pushed yet, or the remote "
+        r"cannot be reached\): data/prepared/\S+, .* \.\.\.; the stages that make them run",
+        warning,
+    ), warning
+    assert "changed outs" in dvc("status", "prepare", cwd=other).stdout
+    dvc("remote", "modify", "store", "url", "ssh://127.0.0.1:1/store", cwd=other)
+    with Repo(str(other)) as repo, pytest.raises(DataError) as error:
+        pull_data(repo, logger)
+    assert str(error.value).startswith("dvc pull from remote 'store' failed: ssh is supported, but requires 'dvc-ssh'")
