@@ -102,12 +102,26 @@ class Browser:
             ".filter(e => (e.innerText || '').trim() === t); if (all.length) all[all.length - 1].click(); })"
             f"({json.dumps(text)})"
         )
+        self.wait(until, settle, timeout, f"clicking {text!r}")
+
+    def wait(self, until: str, settle: float = 3.0, timeout: float = 30, after: str = "the page") -> None:
+        """Wait until the page shows the text `until`, then `settle` seconds."""
         deadline = time.monotonic() + timeout
         while not self.js(f"document.body.innerText.includes({json.dumps(until)})"):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"clicking {text!r} did not show {until!r} within {timeout} s")
+                raise RuntimeError(f"{after} did not show {until!r} within {timeout} s")
             time.sleep(0.5)
         time.sleep(settle)
+
+    def select(self, value: str, until: str, settle: float = 3.0) -> None:
+        """Pick `value` in the native <select> that offers it (a sort order, a filter), then wait for `until`."""
+        self.js(
+            "(v => { const s = [...document.querySelectorAll('select')]"
+            ".find(s => [...s.options].some(o => o.value === v));"
+            " if (s) { s.value = v; s.dispatchEvent(new Event('change', {bubbles: true})); } })"
+            f"({json.dumps(value)})"
+        )
+        self.wait(until, settle, after=f"picking {value!r}")
 
     def shot(self, path: Path) -> None:
         """Save the page as a PNG of 256 colours: a third of the bytes in git, the same to the eye for these UIs."""
@@ -193,6 +207,7 @@ def deployment_pages(prefect: str, out: Path) -> None:
         browser.shot(out / "prefect-deployment.png")
         if failed:
             browser.open(f"{prefect}/runs/flow-run/{failed[0].id}", until="diverged", settle=4)
+            browser.select("TIMESTAMP_DESC", until="taken back")  # the logs newest first: how it ended
             browser.shot(out / "prefect-failed-run.png")
     finally:
         browser.close()

@@ -71,17 +71,35 @@ from prefect.states import Completed  # noqa: E402
 from prefect.utilities.urls import url_for  # noqa: E402
 
 
-class ExpectedErrors(logging.Filter):
-    """Keep Prefect's one-line report of a failed task, drop the traceback when the error is one of ours.
+class OneLineErrors(logging.Filter):
+    """Our own errors, and interrupts, without a traceback: in the terminal and in the Prefect UI alike.
 
-    The message already says what is wrong and what to do; interrupts need no traceback either.
-    Also drop, from the terminal only, the "Finished in state Completed()" (or Skipped) line of each
-    step: the step's own last line says how it ended (the Prefect UI still has both).
+    Their message already says what is wrong and what to do. Prefect's "Engine execution exited
+    with unexpected exception", which a worker's flow process adds, repeats the flow run's
+    "Finished in state Failed(...)" line for them, and goes.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
+            if record.msg == "Engine execution exited with unexpected exception":
+                return False
             record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):  # the records, before any handler (UI or terminal) sees them
+    logging.getLogger(_name).addFilter(OneLineErrors())
+
+
+class ExpectedErrors(OneLineErrors):
+    """In the terminal: also drop the "Finished in state Completed()" (or Skipped) line of each step.
+
+    The step's own last line says how it ended (the Prefect UI still has both).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not super().filter(record):
+            return False
         try:
             done = record.getMessage().startswith(("Finished in state Completed", "Finished in state Skipped"))
         except Exception:  # a malformed record: the handler reports it as logging does
