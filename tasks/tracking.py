@@ -315,8 +315,8 @@ def logged_steps(run_id: str, key: str) -> set[int]:
         return {m.step for m in client().get_metric_history(run_id, key)}
 
 
-def latest_run_with(tag: str, value: str) -> tuple[str, str] | None:
-    """(id, status) of this checkout's newest run tagged `tag = value` in the current experiment, or None."""
+def latest_run_with(tag: str, value: str) -> tuple[str, str, float] | None:
+    """(id, status, start time in s) of this checkout's newest run tagged `tag = value` in this experiment, or None."""
     checkout = process_tags()["pipeline.checkout"].replace("'", "\\'")
     with store():
         runs = client().search_runs(
@@ -325,7 +325,7 @@ def latest_run_with(tag: str, value: str) -> tuple[str, str] | None:
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+    return (runs[0].info.run_id, runs[0].info.status, runs[0].info.start_time / 1000) if runs else None
 
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:

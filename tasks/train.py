@@ -269,7 +269,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
             checkpoint.clear(paths.CHECKPOINTS)
             stale[0] = False
         state = {
-            "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished, "run_id": run.id,
+            "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None,
             "plateau": plateau.state_dict() if plateau else None,
@@ -467,12 +467,14 @@ def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | No
     earlier = tracking.latest_run_with(RESUME_TAG, key)
     state, path = found if found else (None, None)
     # A finished training is resumed only to write its outputs, when a kill stopped it after the last
-    # epoch: its own run is then the latest, and not FINISHED. Else (a new training of the same inputs
-    # that crashed before its first checkpoint, say) it is an old result, not to be passed off as new.
+    # epoch: the checkpoint was then written during that run, the latest, which is not FINISHED. One
+    # older than the latest run is an old result (the latest crashed before its first checkpoint),
+    # not to be passed off as new. (The run id is not in the checkpoint: it would make the
+    # checkpoints, and so dvc.lock, differ between clones that trained the same.)
     if (
         state is not None
         and state["done"]
-        and (earlier is None or earlier[1] == "FINISHED" or state.get("run_id") != earlier[0])
+        and (earlier is None or earlier[1] == "FINISHED" or path.stat().st_mtime < earlier[2])
     ):
         print(f"train: {path.name} ends a finished training; training again from epoch 1")
         state = None

@@ -122,6 +122,30 @@ def test_a_corrupt_last_checkpoint_is_named_and_the_one_before_is_used(built, mo
     assert "trying the one before it" in capsys.readouterr().out
 
 
+def test_a_new_training_that_crashes_before_its_first_checkpoint_trains_when_run_again(built, monkeypatch, capsys):
+    """The old finished checkpoint stays (a failure changes no output), but is not passed off as the new run's."""
+    params = load(overrides=["train.epochs=4"])
+    train.run(params)
+    old = sorted(paths.CHECKPOINTS.iterdir())
+    paths.BEST.unlink()  # train is stale again with the same inputs (as after a `--force`)
+    with monkeypatch.context() as mp:
+        interrupt_at(mp, 1, RuntimeError("out of memory (simulated)"))
+        with pytest.raises(RuntimeError):
+            train.run(params)
+    assert sorted(paths.CHECKPOINTS.iterdir()) == old  # no checkpoint written yet: the old ones are kept
+    crashed = runs()[-1]
+    assert crashed.info.status == "FAILED"
+
+    capsys.readouterr()
+    train.run(params)
+    out = capsys.readouterr().out
+    assert "ends a finished training; training again from epoch 1" in out
+    assert "epoch   1/4" in out and "resuming" not in out
+    last = runs()[-1]
+    assert last.info.status == "FINISHED" and last.info.run_id != crashed.info.run_id
+    assert epochs_logged(last.info.run_id) == [1, 2, 3, 4]
+
+
 def test_a_changed_param_starts_afresh_and_says_which(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=4"])
     with monkeypatch.context() as mp:

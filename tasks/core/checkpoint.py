@@ -7,7 +7,7 @@ cut short or changed on disk is told apart from a good one before anything is un
 previous checkpoint is used instead. It holds tensors and plain values only (`torch.load` with
 `weights_only=True` reads it): the model, optimizer, scheduler and gradient-scaler states, the
 counters, every random generator's state (torch, CUDA, Python, numpy) of every process, the best
-weights so far, the history of the epochs done, what produced it and the MLflow run that wrote it.
+weights so far, the history of the epochs done, and what produced it.
 
 The data order and the augmentation need no saved state: they are functions of the seed, the
 epoch and the sample (`tasks.core.data`).
