@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -203,8 +202,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
         torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.manual_seed(params.seed)
-    random.seed(params.seed)  # not drawn from here, but user code (a custom transform) may; checkpoints hold them
-    np.random.seed(params.seed)
+    host: dict = {}  # Python's and numpy's generators as this epoch started (see checkpoint.seed_host)
 
     manifest = inputs.manifest()
     n_classes = len(manifest["classes"])
@@ -262,7 +260,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
 
     def save(finished: bool = False) -> None:
         """Every process's RNG state is gathered; rank 0 alone writes."""
-        rng = distributed.gather(checkpoint.rng_state())
+        rng = distributed.gather(checkpoint.rng_state(host or None))
         if not me.main:
             return
         if stale[0]:  # not before: a run that fails before its first checkpoint leaves the outputs as they were
@@ -293,6 +291,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
             if done["stopped_early"]:
                 break
             tick = time.monotonic()
+            host.update(checkpoint.seed_host(params.seed, epoch, me.rank))
             sampler.set_epoch(epoch, skip=epoch_state.batches * cfg.batch_size)
             batches = progress.wrap(train_batches, len(sampler), f"epoch {epoch}/{cfg.epochs}", epoch_state)
             train_one_epoch(net, batches, loss_fn, optimizer, device, n_batches, recipe, epoch_state, every_n_steps)

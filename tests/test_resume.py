@@ -146,6 +146,26 @@ def test_a_new_training_that_crashes_before_its_first_checkpoint_trains_when_run
     assert epochs_logged(last.info.run_id) == [1, 2, 3, 4]
 
 
+def test_draws_from_pythons_generator_by_other_libraries_do_not_change_the_checkpoints(built, monkeypatch):
+    """Under Prefect, a websockets thread draws from `random` for its pings: the checkpoints (and dvc.lock) stay."""
+    import random
+    import shutil
+
+    params = load(overrides=["train.epochs=2"])
+    train.run(params)
+    quiet = sorted(p.name for p in paths.CHECKPOINTS.iterdir())
+    shutil.rmtree(paths.CHECKPOINTS)
+    real = train.validate
+
+    def validate(*args, **kwargs):
+        random.random(), random.getrandbits(32)  # another library, in the middle of training
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", validate)
+    train.run(params)
+    assert sorted(p.name for p in paths.CHECKPOINTS.iterdir()) == quiet  # their names hold their sha256
+
+
 def test_a_changed_param_starts_afresh_and_says_which(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=4"])
     with monkeypatch.context() as mp:

@@ -32,15 +32,39 @@ FORMAT = 1
 NAME = re.compile(r"step-(\d+)-epoch-(\d+)-([0-9a-f]{16})\.pt")
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator this process draws from, as tensors and plain values."""
+def host_state() -> dict[str, Any]:
+    """Python's and numpy's global generators, as tensors and plain values."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     version, mt, gauss_next = random.getstate()
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "python": [version, torch.tensor(mt, dtype=torch.int64), gauss_next],  # a tensor: 625 ints pickle slowly
         "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def seed_host(seed: int, epoch: int, rank: int = 0) -> dict[str, Any]:
+    """Seed Python's and numpy's global generators for this epoch of this process; return their state.
+
+    The pipeline draws nothing from them (its order and augmentation have their own generators),
+    but a user's transform may. They are seeded afresh each epoch, from (seed, epoch, rank), and a
+    checkpoint holds the state each epoch started from, not the state at the time it was written:
+    other libraries draw from Python's generator in threads of their own (the websockets client
+    under Prefect's event stream, for its keep-alive pings, every 20 s), so that state would make
+    checkpoints, and the dvc.lock that records them, differ from run to run.
+    """
+    text = f"{seed}:{epoch}:{rank}"
+    random.seed(text)
+    np.random.seed(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little"))
+    return host_state()
+
+
+def rng_state(host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every random generator this process draws from, as tensors and plain values (Python's and
+    numpy's as `host` gives them, if given)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        **(host or host_state()),
     }
 
 
