@@ -36,7 +36,7 @@ from tasks.errors import DataError, PipelineError, TrackingError
 from tasks.files import process_alive
 from tasks.params import PARAMS_FILE, ConfigError, Params, check_writable, load, write_overrides
 
-TRAIN_RETRIES = 2  # the train task, after a crash: each retry resumes from the last checkpoint
+RETRIES = 2  # train, evaluate and export after a crash or a store away for a moment (train resumes its checkpoint)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -168,9 +168,10 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 
 # One Prefect task per stage, named like the stage. Inputs are paths, so nothing to cache.
 STEP_TASKS = {stage: task(step, name=stage, task_run_name=stage, cache_policy=NO_CACHE) for stage in STAGES}
-STEP_TASKS["train"] = STEP_TASKS["train"].with_options(
-    retries=TRAIN_RETRIES, retry_delay_seconds=[10, 60], retry_condition_fn=worth_retrying
-)
+for _stage in ("train", "evaluate", "export"):  # the steps that talk to the tracking store
+    STEP_TASKS[_stage] = STEP_TASKS[_stage].with_options(
+        retries=RETRIES, retry_delay_seconds=[10, 60], retry_condition_fn=worth_retrying
+    )
 
 
 def close_crashed_flow_runs() -> None:

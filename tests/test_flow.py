@@ -321,3 +321,33 @@ def test_a_run_with_pull_takes_what_the_dvc_remote_has_and_runs_only_the_rest(
     with Repo(str(other)) as repo, pytest.raises(DataError) as error:
         pull_data(repo, logger)
     assert str(error.value).startswith("dvc pull from remote 'store' failed: ssh is supported, but requires 'dvc-ssh'")
+
+
+def test_a_tracking_store_away_for_a_moment_is_retried_in_evaluate(prefect_api, project, monkeypatch):
+    """A TrackingError in evaluate (the store did not answer once): Prefect retries the task, the run ends FINISHED."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows import pipeline as flow
+    from tasks import tracking
+    from tasks.errors import TrackingError
+
+    monkeypatch.setitem(flow.STEP_TASKS, "evaluate", flow.STEP_TASKS["evaluate"].with_options(retry_delay_seconds=0))
+    real, calls = tracking.log_metrics, {"n": 0}
+
+    def away_once(run_id, metrics, *args, **kwargs):
+        if any(k.startswith("test/") for k in metrics) and not calls["n"]:
+            calls["n"] += 1
+            raise TrackingError("the tracking store at sqlite:///mlflow.db does not answer (simulated)")
+        return real(run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_metrics", away_once)
+    state = flow.pipeline(return_state=True)
+    assert state.is_completed() and calls["n"] == 1
+    with get_client(sync_client=True) as client:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        task_runs = {r.name: r for r in client.read_task_runs(flow_run_filter=flow_run)}
+    assert task_runs["evaluate"].run_count == 2 and task_runs["export"].run_count == 1
+    (run,) = mlflow_runs()
+    assert run.info.status == "FINISHED" and "pipeline.error" not in run.data.tags
+    assert "test/accuracy" in run.data.metrics
