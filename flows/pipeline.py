@@ -396,11 +396,12 @@ def pipeline(
                 f"--params {path}: in a DVC repository the params are {PARAMS_FILE}, which dvc.lock records; "
                 "edit it or use --set"
             )
-        load(path, overrides or [])  # checked here too, for a deployment's parameters, before anything runs
+        params = load(path, overrides or [])  # checked here too, for a deployment's parameters, before anything runs
         if pull and repo is not None:
             pull_data(repo, logger)
         original = path.read_text() if overrides else None
-        params = write_overrides(path, overrides) if overrides else load(path)
+        if overrides:
+            write_overrides(path, overrides)
         checkpoints = checkpoint_files()
         try:
             run_steps(repo, path, params, force, results)

@@ -256,16 +256,17 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
         )
         checkpoint.set_rng_state(resume["rng"][me.rank])  # one per process: the key holds their number
 
-    stale = [resume is None]  # the checkpoints of other inputs: kept until this run writes its first
+    old_checkpoints = resume is None  # those of other inputs: kept until this run writes its first
 
     def save(finished: bool = False) -> None:
         """Every process's RNG state is gathered; rank 0 alone writes."""
-        rng = distributed.gather(checkpoint.rng_state(host or None))
+        nonlocal old_checkpoints
+        rng = distributed.gather(checkpoint.rng_state(host))
         if not me.main:
             return
-        if stale[0]:  # not before: a run that fails before its first checkpoint leaves the outputs as they were
+        if old_checkpoints:  # not before: a run that fails before its first checkpoint leaves the outputs as they were
             checkpoint.clear(paths.CHECKPOINTS)
-            stale[0] = False
+            old_checkpoints = False
         state = {
             "format": checkpoint.FORMAT, "key": key, "inputs": inputs_used, "done": finished,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),

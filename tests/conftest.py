@@ -277,23 +277,12 @@ def postgres() -> Iterator[str]:
 
 def create_database(url: str, name: str) -> str:
     """A new, empty database in the cluster at `url` (as the `postgres` fixture yields it); its URL."""
-    import asyncio
-
-    import asyncpg
-
-    async def create() -> None:
-        connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql") + "/postgres")
-        try:
-            await connection.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await connection.close()
-
-    asyncio.run(create())
+    query(f"{url}/postgres", f'CREATE DATABASE "{name}"')
     return f"{url}/{name}"
 
 
 def query(url: str, sql: str) -> list[tuple]:
-    """Rows of one SQL query against the database at `url`."""
+    """Rows of one SQL statement against the database at `url` (none for a statement that returns none)."""
     import asyncio
 
     import asyncpg

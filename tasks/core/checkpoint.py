@@ -58,13 +58,13 @@ def seed_host(seed: int, epoch: int, rank: int = 0) -> dict[str, Any]:
     return host_state()
 
 
-def rng_state(host: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every random generator this process draws from, as tensors and plain values (Python's and
-    numpy's as `host` gives them, if given)."""
+def rng_state(host: dict[str, Any]) -> dict[str, Any]:
+    """Every random generator this process draws from, as tensors and plain values: torch's now,
+    Python's and numpy's as `host` (what `seed_host` returned this epoch) gives them."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        **(host or host_state()),
+        **host,
     }
 
 
