@@ -65,77 +65,29 @@ if __name__ == "__main__":
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.logging.handlers import PrefectConsoleHandler  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from prefect.utilities.urls import url_for  # noqa: E402
 
-
-class OneLineErrors(logging.Filter):
-    """Our own errors, and interrupts, without a traceback: in the terminal and in the Prefect UI alike.
-
-    Their message already says what is wrong and what to do. Prefect's "Engine execution exited
-    with unexpected exception", which a worker's flow process adds, repeats the flow run's
-    "Finished in state Failed(...)" line for them, and goes.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
-            if record.msg == "Engine execution exited with unexpected exception":
-                return False
-            record.exc_info, record.exc_text = None, None
-        return True
+from flows import logs  # noqa: E402
 
 
-for _name in ("prefect.flow_runs", "prefect.task_runs"):  # the records, before any handler (UI or terminal) sees them
-    logging.getLogger(_name).addFilter(OneLineErrors())
-
-
-class ExpectedErrors(OneLineErrors):
-    """In the terminal: also drop the "Finished in state Completed()" (or Skipped) line of each step.
-
-    The step's own last line says how it ended (the Prefect UI still has both).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not super().filter(record):
-            return False
-        try:
-            done = record.getMessage().startswith(("Finished in state Completed", "Finished in state Skipped"))
-        except Exception:  # a malformed record: the handler reports it as logging does
-            done = False
-        return not (record.levelno == logging.INFO and done)
-
-
-class StepFormatter(logging.Formatter):
+class StepFormatter(logs.PrefixFormatter):
     """`17:01:43 [3/5 train] epoch 1/30 ...`: the time, how far the run is, and the message.
 
     Instead of Prefect's 45-character prefix (time, level and the task run's name) on every line.
     The level is shown only when it is not INFO; a step's own `train: ` prefix is not repeated.
     """
 
-    def __init__(self) -> None:
-        super().__init__(datefmt="%H:%M:%S")
-
-    def format(self, record: logging.LogRecord) -> str:
+    def where(self, record: logging.LogRecord) -> tuple[str, str]:
         stage = getattr(record, "stage", None) or getattr(record, "task_run_name", None)
         message = record.getMessage()
         if stage in STAGES:
-            where = f"[{STAGES.index(stage) + 1}/{len(STAGES)} {stage}]"
-            message = message.removeprefix(f"{stage}: ")
-        else:
-            where = "[pipeline]"
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{self.formatTime(record, self.datefmt)} {where} {level}{message}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+            return f"{STAGES.index(stage) + 1}/{len(STAGES)} {stage}", message.removeprefix(f"{stage}: ")
+        return "pipeline", message
 
 
-for _handler in logging.getLogger().handlers:
-    if isinstance(_handler, PrefectConsoleHandler):
-        _handler.addFilter(ExpectedErrors())
-        _handler.setFormatter(StepFormatter())
+logs.install(StepFormatter())
 
 
 def step(stage: str, params_path: str, tags: dict[str, str], up_to_date: bool = False) -> Any:
