@@ -198,7 +198,7 @@ RUNS_VIEW = {
         "attributes.`Duration`",
         "attributes.`Source`",
         "attributes.`Version`",
-        *(f"metrics.`{k}`" for k in ("test/accuracy", "test/f1_macro", "val/accuracy")),
+        *(f"metrics.`{k}`" for k in ("test/accuracy", "test/f1_macro", "best/val_accuracy")),
         *(f"params.`{k}`" for k in ("build.model", "train.epochs", "train.lr", "train.optimizer")),
     ],
 }

@@ -541,7 +541,9 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
             curves_tmp.write_text("\n".join(lines) + "\n")
             digest = sha256_file(best_tmp)
             run.flush()
-            tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"]})
+            # The kept epoch's validation metrics: the runs list shows a metric's last epoch, not the kept one.
+            kept = {"best/val_accuracy": best["val/accuracy"], "best/val_loss": best["val/loss"]}
+            tracking.log_metrics(run_id, {"best_epoch": result["best_epoch"], **kept})
             tracking.log_artifacts(run_id, "plots", [curves_tmp])
             tracking.set_tags(run_id, {tracking.MODEL_TAG: digest})
             same = paths.BEST.exists() and sha256_file(paths.BEST) == digest
