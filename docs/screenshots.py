@@ -9,7 +9,8 @@ Needs the MLflow UI (`bash scripts/mlflow-ui.sh`) and the Prefect server (`pytho
 running, some pipeline runs in them, and `dvc plots show` run once. The README's pictures were made
 in a fresh clone after `python -m flows.pipeline`, `--set train.lr=0.01` and `--set build.model=mlp`;
 the deployment's, in a fresh clone after `scripts/deploy.sh`, a worker, `scripts/retrain.sh
-train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges).
+train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges); the sweep's, after
+`bash scripts/sweep.sh sweeps/lr.yaml` into an empty MLflow store (`--pages sweep`).
 
 Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
 `websockets` package that Prefect already brings: each page is opened in a fresh profile, given
@@ -213,6 +214,46 @@ def deployment_pages(prefect: str, out: Path) -> None:
         browser.close()
 
 
+def sweep_pages(urls: tuple[str, str], out: Path) -> None:
+    """The latest sweep: its parent and nested runs in MLflow's runs list, their compare view, its Prefect flow run."""
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from tasks.tracking import UI_MODE, experiment_name, runs_list_url, tracking_uri
+
+    mlflow, prefect = urls
+    c = MlflowClient(tracking_uri())
+    experiment = c.get_experiment_by_name(experiment_name())
+    (parent,) = c.search_runs(
+        [experiment.experiment_id], "tags.`sweep.key` != ''", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    children = c.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="sweep ")),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+    browser = Browser(1600, 800)
+    try:
+        browser.open(runs_list_url(experiment.experiment_id, mlflow), until=parent.info.run_name, settle=4)
+        browser.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        browser.click('button[data-component-id$="runnamecellrenderer.tsx_46"]')  # the parent's expand (+) button
+        browser.wait(children[0].info.run_name)
+        browser.shot(out / "mlflow-sweep.png")
+        ids = urllib.request.quote(json.dumps([r.info.run_id for r in children]))
+        experiments = urllib.request.quote(json.dumps([experiment.experiment_id]))
+        browser.size(1600, 1000)
+        browser.open(f"{mlflow}/#/compare-runs?runs={ids}&experiments={experiments}&{UI_MODE}", until="train.lr")
+        browser.shot(out / "mlflow-sweep-compare.png")
+        browser.open(f"{prefect}/runs/flow-run/{flow_run.id}", until="trial 4", settle=4)
+        browser.shot(out / "prefect-sweep.png")
+    finally:
+        browser.close()
+
+
 def plots_page(page: Path, out: Path) -> None:
     browser = Browser(1400, 1700, offline=True)
     try:
@@ -223,7 +264,13 @@ def plots_page(page: Path, out: Path) -> None:
         browser.close()
 
 
-PAGES = {"mlflow": mlflow_pages, "prefect": prefect_page, "deployment": deployment_pages, "plots": plots_page}
+PAGES = {
+    "mlflow": mlflow_pages,
+    "prefect": prefect_page,
+    "deployment": deployment_pages,
+    "sweep": sweep_pages,
+    "plots": plots_page,
+}
 
 
 def main() -> None:
@@ -237,7 +284,8 @@ def main() -> None:
     os.environ["PREFECT_API_URL"] = args.prefect.rstrip("/") + "/api"  # before Prefect reads its settings
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.pages:
-        source = {"mlflow": args.mlflow.rstrip("/"), "plots": args.plots}.get(name, args.prefect.rstrip("/"))
+        mlflow, prefect = args.mlflow.rstrip("/"), args.prefect.rstrip("/")
+        source = {"mlflow": mlflow, "plots": args.plots, "sweep": (mlflow, prefect)}.get(name, prefect)
         PAGES[name](source, args.out)
 
 

@@ -35,6 +35,7 @@ SOURCES = [
     ".gitignore",
     "prefect.yaml",
     "scripts",
+    "sweeps",
     "requirements.lock",
 ]
 # Every file a stage writes: what a failure must leave byte-identical. The checkpoints are the one

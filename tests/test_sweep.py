@@ -1,0 +1,174 @@
+"""Sweeps: the sweep file, and real sweeps of real trainings on Prefect's threads and on a Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import ConfigError
+from tests.conftest import ROOT, one_line_error, python, sh, start
+
+GRID = """\
+method: grid
+params:
+  train.epochs: 3
+space:
+  train.lr: [0.001, 0.003]
+  train.batch_size: [32, 64]
+"""
+
+
+def write(project: Path, name: str, text: str) -> str:
+    path = project / "sweeps" / name
+    path.write_text(text)
+    return f"sweeps/{name}"
+
+
+def test_a_grid_runs_every_combination_and_random_draws_are_reproducible(tmp_path):
+    from flows.sweep import make_plan
+
+    grid = make_plan(ROOT / "sweeps/lr.yaml", ROOT / "params.yaml")
+    combos = [(t.values["train.lr"], t.values["train.batch_size"]) for t in grid.trials]
+    assert sorted(combos) == [(0.001, 32), (0.001, 64), (0.003, 32), (0.003, 64)]
+    assert len({t.folder for t in grid.trials}) == 4 and all(t.params.train.epochs == 10 for t in grid.trials)
+    assert [t.params.train.lr for t in grid.trials] == [t.values["train.lr"] for t in grid.trials]
+
+    random = make_plan(ROOT / "sweeps/random.yaml", ROOT / "params.yaml")
+    draws = [t.values for t in random.trials]
+    assert len(draws) == 8 and len({json.dumps(d, sort_keys=True) for d in draws}) == 8
+    assert all(0.0003 <= d["train.lr"] <= 0.01 and d["build.dropout"] in (0.0, 0.1, 0.3) for d in draws)
+    assert draws == [t.values for t in make_plan(ROOT / "sweeps/random.yaml", ROOT / "params.yaml").trials]
+    other = tmp_path / "random.yaml"
+    other.write_text((ROOT / "sweeps/random.yaml").read_text().replace("seed: 0", "seed: 1"))
+    assert [t.values for t in make_plan(other, ROOT / "params.yaml").trials] != draws
+    assert make_plan(other, ROOT / "params.yaml").folder != random.folder
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("space:\n  train.lrr: [0.1]\n", "trial 1 (train.lrr=0.1)"),
+        ("space:\n  train.lr: [0.01, 20]\n", "trial 2 (train.lr=20)"),
+        ("space:\n  train.lr: {log_uniform: [0.001, 0.1]}\n", "a grid takes lists of values; train.lr"),
+        ("method: random\nspace:\n  train.lr: [0.1, 0.2]\n", "method: random needs trials"),
+        ("method: random\ntrials: 2\nspace:\n  train.lr: {uniform: [0.1, 0.01]}\n", "low must be below high"),
+        ("params:\n  train.lr: 0.1\nspace:\n  train.lr: [0.1]\n", "train.lr is both fixed (params) and swept"),
+        ("space: {}\n", "space"),
+        ("spaces:\n  train.lr: [0.1]\n", "spaces: not a sweep file key; the keys are name, method"),
+        ("space: [\n", "is not valid YAML"),
+    ],
+)
+def test_a_bad_sweep_file_is_refused_naming_the_key_or_trial(tmp_path, text, expected):
+    from flows.sweep import make_plan
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        make_plan(path, ROOT / "params.yaml")
+    assert str(caught.value).startswith(f"sweep file {path}") and expected in str(caught.value)
+
+
+def test_the_command_refuses_a_bad_sweep_file_in_one_line_before_anything_starts(project):
+    proc = python("-m", "flows.sweep", write(project, "bad.yaml", "space:\n  train.lr: [0.01, 20]\n"), cwd=project)
+    assert proc.returncode == ConfigError.exit_code
+    assert one_line_error(proc) == (
+        "error: sweep file sweeps/bad.yaml, trial 2 (train.lr=20): params.yaml: train.lr: got 20; input should be "
+        "less than or equal to 10"
+    )
+    assert not (project / ".sweeps").exists() and not (project / ".prefect").exists()  # no server was started
+
+
+def sweep_runs(parent: str) -> list:
+    from tasks.tracking import client
+
+    c = client()
+    experiment = c.get_experiment_by_name("pipeline").experiment_id
+    return c.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def results(project: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in project.glob(".sweeps/*/trial-*/result.json")}
+
+
+@pytest.mark.slow
+def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_restart_runs_only_the_rest(
+    prefect_api, project
+):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    spec = write(project, "grid.yaml", GRID)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "sweep", cwd=project)
+    params = (project / "params.yaml").read_bytes()
+
+    # Stopped as a cancel from the Prefect UI stops it (SIGTERM) once two trials have a result.
+    first = start("-m", "flows.sweep", spec, "--dask", "--parallel", "1", cwd=project, env=env)
+    deadline = time.monotonic() + 300
+    while len(results(project)) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 143, out
+    done = results(project)
+    assert 2 <= len(done) < 4, out
+    assert out.strip().splitlines()[-1].startswith(f"error: sweep grid terminated (SIGTERM): {len(done)} of 4 trials")
+
+    again = sh(sys.executable, "-m", "flows.sweep", spec, "--dask", "--parallel", "1", cwd=project, env=env)
+    out = again.stdout + again.stderr
+    assert f"{len(done)} have a result from before, {4 - len(done)} to run" in out
+    started = {line.split("[trial ")[1].split("]")[0] for line in out.splitlines() if "] started in" in line}
+    assert started == {"1", "2", "3", "4"} - {name.removeprefix("trial-") for name in done}
+    after = results(project)
+    assert {k: after[k] for k in done} == done  # the finished trials were not run again
+
+    # MLflow: one parent, a nested run per trial, each FINISHED; the parent carries the best trial's metrics.
+    (sweep_note,) = project.glob(".sweeps/grid-*/sweep.json")
+    parent = json.loads(sweep_note.read_text())["run_id"]
+    children = sweep_runs(parent)
+    assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in after.values())
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert sorted(r.data.tags["sweep.trial"] for r in children) == ["1", "2", "3", "4"]
+    assert len({r.info.run_name for r in children}) == 4
+    best = max(after, key=lambda k: after[k]["metrics"]["val/accuracy"])
+    from tasks.tracking import client
+
+    top = client().get_run(parent)
+    assert top.info.status == "FINISHED" and top.data.tags["sweep.best_trial"] == best.removeprefix("trial-")
+    assert top.data.metrics["best/val_accuracy"] == pytest.approx(after[best]["metrics"]["val/accuracy"])
+    for run in children:  # each trial's kept epoch, as the sweep's table shows it
+        (mine,) = [r for r in after.values() if r["run_id"] == run.info.run_id]
+        assert run.data.metrics["best/val_accuracy"] == pytest.approx(mine["metrics"]["val/accuracy"])
+    number = best.removeprefix("trial-")
+    lr = {"1": 0.001, "2": 0.003, "3": 0.001, "4": 0.003}[number]
+    assert f"best: trial {number} (lr={lr:g}" in out and f"python -m flows.pipeline --set train.lr={lr}" in out
+
+    # The Prefect artifact says the same; the checkout's params and files are as they were.
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        (artifact,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-best"])))[-1:]
+    assert f"best: trial {number}" in artifact.data and parent in artifact.data
+    assert (project / "params.yaml").read_bytes() == params
+    assert sh("git", "status", "--porcelain", cwd=project).stdout == ""
+    assert not (project / "models").exists() and not (project / "dvc.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_reported_and_not_rerun_while_the_others_give_the_best(prefect_api, project):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    spec = write(project, "lr.yaml", "params:\n  train.epochs: 3\nspace:\n  train.lr: [0.003, 10]\n")
+    proc = sh(sys.executable, "-m", "flows.sweep", spec, cwd=project, env=env)
+    out = proc.stdout + proc.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert "finished" in rows["1"] or "best" in rows["1"]
+    assert "failed" in rows["2"] and "trial 2: train: training diverged" in out
+    assert "best: trial 1 (lr=0.003)" in out
+
+    again = sh(sys.executable, "-m", "flows.sweep", spec, cwd=project, env=env)
+    assert "2 have a result from before, 0 to run" in again.stdout + again.stderr
