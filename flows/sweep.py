@@ -22,14 +22,15 @@ makes it the pipeline's params.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+import shlex
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,9 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(".sweeps")
 METRICS = ("val/accuracy", "val/loss", "test/accuracy", "test/f1_macro", "test/loss")
 MAX_TRIALS = 1000
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a folder name, and part of a Prefect artifact key
 
 
 # The sweep file ------------------------------------------------------------------------------------------------------
+
+
+def _first_in(section: str) -> str:
+    return next(k for k in Params().flat() if k.startswith(section + ".")).removeprefix(section + ".")
 
 
 def first_error(exc: ValidationError, what: str) -> str:
@@ -96,7 +102,7 @@ class Spec(BaseModel):
     """What a sweep file says. Params are named as with `--set`: `train.lr`, `build.channels`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    name: Annotated[str, Field(pattern=NAME)] | None = None
     method: Literal["grid", "random"] = "grid"
     trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
     seed: Annotated[int, Field(ge=0)] = 0
@@ -108,9 +114,14 @@ class Spec(BaseModel):
     @field_validator("params", "space")
     @classmethod
     def _keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """One value per dotted name: a whole section (`train:`) would replace every param in it."""
+        sections = {k.rsplit(".", 1)[0] for k in Params().flat() if "." in k}
+        sections |= {s.rsplit(".", 1)[0] for s in list(sections) if "." in s}
         for key in value:
-            if not key or key.startswith(".") or key.endswith(".") or " " in key:
+            if not key or key.startswith(".") or key.endswith(".") or " " in key or "=" in key:
                 raise ValueError(f"'{key}' is not a param name; name params as with --set, e.g. train.lr")
+            if key in sections:
+                raise ValueError(f"'{key}' is a section; name each param in it, e.g. {key}.{_first_in(key)}")
         return value
 
     @field_validator("space", mode="before")
@@ -268,6 +279,11 @@ def make_plan(path: Path, params_path: Path = PARAMS_FILE, parallel: int | None 
             raise ConfigError(f"sweep file {path}, trial {number} ({' '.join(overrides)}): {exc}") from None
         trials.append(Trial(number, values, params))
     name = spec.name or path.stem
+    if not re.fullmatch(NAME, name):
+        raise ConfigError(
+            f"sweep file {path}: its name '{name}' (from the file name) may have only letters, digits, '.', '_' and "
+            "'-'; rename the file or give the sweep a `name:`"
+        )
     key = hashlib.sha256(
         json.dumps([[t.params.flat() for t in trials], spec.metric, code_sha256()], sort_keys=True).encode()
     ).hexdigest()
@@ -315,6 +331,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.utilities.urls import url_for  # noqa: E402
 
 from flows import logs  # noqa: E402
+from flows import trial as runner  # noqa: E402  (the trial processes: started and stopped by this module)
 
 logs.install(logs.PrefixFormatter())
 # Dask's own notes (workers starting and closing, a task cancelled on the way out) are not the sweep's news.
@@ -326,9 +343,6 @@ logging.getLogger("distributed").setLevel(logging.ERROR)
 
 class TrialError(PipelineError):
     """A trial failed; its message is the trial's own last error line."""
-
-
-CHILDREN: set[subprocess.Popen] = set()  # this process's trial processes: stopped with the sweep
 
 
 def shown(path: Path) -> str:
@@ -349,30 +363,19 @@ def store_uri() -> str:
     return uri
 
 
-def in_folder(folder: Path, stages: list[str], threads: int, store: str) -> int:
-    """Run `flows.trial` on `stages` in `folder`, its output appended to the folder's trial.log; its exit code."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)  # the trials share the cores
-    env["MLFLOW_TRACKING_URI"] = store
-    with open(folder / "trial.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.trial", *stages], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    CHILDREN.add(proc)
+def log_size(folder: Path) -> int:
     try:
-        return proc.wait()
-    finally:
-        if proc.poll() is None:  # this thread was stopped: the trial goes too, marking its MLflow run KILLED
-            proc.terminate()
-            proc.wait()
-        CHILDREN.discard(proc)
+        return (folder / "trial.log").stat().st_size
+    except OSError:
+        return 0
 
 
-def last_error(folder: Path) -> str:
-    """The trial's own one-line error, or the end of its log."""
+def last_error(folder: Path, start: int = 0) -> str:
+    """The attempt's own one-line error (its log from byte `start`), or the end of that log."""
     try:
-        lines = (folder / "trial.log").read_text(errors="replace").splitlines()
+        with open(folder / "trial.log", "rb") as log:
+            log.seek(start)
+            lines = log.read().decode(errors="replace").splitlines()
     except OSError:
         return "no log"
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
@@ -421,9 +424,11 @@ def prepare(folder: Path, params: Params, label: str, threads: int, checkout: Pa
     if not root.is_absolute() and (checkout / root).exists():
         link(folder / root, checkout / root)  # the checkout's raw data, at the same relative path
     (folder / "trial.json").write_text(json.dumps({"key": folder.name}))
-    code = in_folder(folder, ["prepare"], threads, store)
+    start = log_size(folder)
+    code = runner.start(folder, ["prepare"], threads, store)
     if code != 0:
-        raise TrialError(f"prepare failed (exit {code}): {last_error(folder)}; its log: {shown(folder / 'trial.log')}")
+        log = shown(folder / "trial.log")
+        raise TrialError(f"prepare failed (exit {code}): {last_error(folder, start)}; its log: {log}")
     logger.info(f"prepared: {shown(folder / paths.PREPARED)}")
     return str(folder)
 
@@ -443,11 +448,12 @@ def trial(
     (folder / "trial.json").write_text(json.dumps({"key": key, "tags": tags}))
     (folder / "result.json").unlink(missing_ok=True)
     logger.info(f"started in {shown(folder)} (log: {shown(folder / 'trial.log')})")
-    code = in_folder(folder, ["build", "train", "evaluate"], threads, store)
+    start = log_size(folder)
+    code = runner.start(folder, ["build", "train", "evaluate"], threads, store)
     result = read_result(folder, key)
     if code != 0 or result is None or result["status"] != "finished":
         log = shown(folder / "trial.log")
-        raise TrialError(f"trial {number} ({label}) failed: {last_error(folder)}; its log: {log}")
+        raise TrialError(f"trial {number} ({label}) failed: {last_error(folder, start)}; its log: {log}")
     m = result["metrics"]
     logger.info(
         f"val/accuracy {m['val/accuracy']:.4f}, test/accuracy {m.get('test/accuracy', float('nan')):.4f} "
@@ -486,14 +492,13 @@ def parent_run(plan: Plan, tags: dict[str, str]) -> str:
     if run_id:
         from mlflow.exceptions import MlflowException
 
-        try:
-            with tracking.store():
-                try:
-                    found = tracking.client().get_run(run_id)
-                except MlflowException:
-                    found = None
-        except PipelineError:
-            found = None
+        with tracking.store():
+            try:
+                found = tracking.client().get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # a store away for a moment: a TrackingError, and the results stay
+                found = None  # another store, or the run was deleted for good
         if found is not None and found.info.lifecycle_stage == "active":
             tracking.reopen_run(run_id, tags)
             return run_id
@@ -512,7 +517,7 @@ def parent_run(plan: Plan, tags: dict[str, str]) -> str:
     run_id = tracking.start_run(params, tags, name=tags.pop("mlflow.runName"))
     tracking.log_artifacts(run_id, "sweep", [plan.path])
     write_text(note, json.dumps({"run_id": run_id, "tracking_uri": tracking.tracking_uri()}))
-    # The trials before this parent run were logged under another; their results are kept, their runs are not its.
+    # The results of earlier trials belong to runs of another parent, gone or in another store: run them again.
     for old in plan.trials:
         (old.folder / "result.json").unlink(missing_ok=True)
     return run_id
@@ -566,8 +571,10 @@ def table(plan: Plan, results: dict[int, dict], errors: dict[int, str]) -> list[
     return rows
 
 
-def adopt_command(trial: Trial) -> str:
-    return "python -m flows.pipeline " + " ".join(f"--set {o}" for o in trial.overrides)
+def adopt_command(plan: Plan, trial: Trial) -> str:
+    """The pipeline on the trial's params: the sweep's fixed ones and the trial's own, as `--set`s."""
+    overrides = [override(k, v) for k, v in plan.spec.params.items()] + trial.overrides
+    return "python -m flows.pipeline " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
 
 
 def print_table(plan: Plan, rows: list[dict[str, Any]]) -> None:
@@ -646,7 +653,7 @@ def report(plan: Plan, parent: str, rows: list[dict[str, Any]], results: dict[in
         summary = (
             f"best: trial {best.number} ({best.label}), {plan.spec.metric} {m[plan.spec.metric]:.4f}"
             + (f", test/accuracy {m['test/accuracy']:.4f}" if "test/accuracy" in m else "")
-            + f"; to make it the pipeline's params: {adopt_command(best)}"
+            + f"; to make it the pipeline's params: {adopt_command(plan, best)}"
         )
     else:
         summary = "no trial finished"
@@ -665,6 +672,8 @@ def sweep(
     logger = get_run_logger()
     plan = make_plan(Path(sweep_path), Path(params_path), parallel)
     lock = sweep_lock(plan.folder)
+    (plan.folder / "stop").unlink(missing_ok=True)  # left by the last stop: this start runs
+    runner.STOPPING.clear()
     if fresh:  # under the lock: never the folder of a sweep that is running
         for entry in plan.folder.iterdir():
             if entry.name != "lock":
@@ -709,9 +718,10 @@ def sweep(
         store = store_uri()
         prepared: dict[str, Any] = {}
         futures = {}
+        digests = {}
         for t in todo:
             section = json.dumps({"seed": t.params.seed, **t.params.prepare.model_dump()}, sort_keys=True)
-            digest = hashlib.sha256(section.encode()).hexdigest()[:8]
+            digest = digests[t.number] = hashlib.sha256(section.encode()).hexdigest()[:8]
             if digest not in prepared:
                 prepared[digest] = prepare.submit(
                     plan.folder / f"prepare-{digest}", t.params, digest, plan.threads, Path.cwd().resolve(), store
@@ -729,8 +739,10 @@ def sweep(
             found = read_result(t.folder, t.key)  # a failure the same params meet again is kept
             if found is not None:
                 results[t.number] = found
+            upstream = prepared[digests[t.number]]
+            failed = upstream if not upstream.state.is_completed() else future  # a failed prepare: its error
             try:
-                future.result()
+                failed.result()
             except Exception as exc:
                 errors[t.number] = " ".join(str(exc).split()) or type(exc).__name__  # one line, as every error here
         rows = table(plan, results, errors)
@@ -738,10 +750,12 @@ def sweep(
         summary = report(plan, parent, rows, results)
         logger.info(summary)
         unfinished = [t.number for t in plan.trials if t.number not in results]
-        tracking.end_run(parent, "FINISHED" if not unfinished else "FAILED")
+        finished = rank(plan, results)
+        tracking.end_run(parent, "FINISHED" if finished and not unfinished else "FAILED")
         ended = True
-        if not rank(plan, results):
-            raise TrialError(f"no trial of sweep {plan.name} finished; the first error: {next(iter(errors.values()))}")
+        if not finished:
+            first = next((r["error"] for r in rows if r["error"]), "none recorded")
+            raise TrialError(f"no trial of sweep {plan.name} finished; the first error: {first}")
         if unfinished:
             raise TrialError(
                 f"trials {', '.join(map(str, unfinished))} did not finish (see the table); run the sweep again "
@@ -749,11 +763,9 @@ def sweep(
             )
         return results
     except BaseException as exc:
-        for proc in list(CHILDREN):
-            proc.terminate()  # each marks its MLflow run KILLED
+        if not isinstance(exc, PipelineError):  # stopped (Ctrl-C, SIGTERM) or crashed: no trial goes on
+            runner.stop_all(plan.folder)
         if parent is not None and not ended:
-            import contextlib
-
             with contextlib.suppress(PipelineError):
                 tracking.end_run(parent, "KILLED" if not isinstance(exc, Exception) else "FAILED")
         raise

@@ -15,17 +15,20 @@ again when the sweep is started again; its training resumes from its last checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tasks import STAGES, StepContext, run_stage
-from tasks.cli import stop_on_sigterm, user_errors
-from tasks.errors import ConfigError, DataError, ExportError, PipelineError, TrainingError
+from tasks.cli import Terminated, user_errors
+from tasks.errors import BusyError, ConfigError, DataError, ExportError, PipelineError, TrainingError
 from tasks.files import json_text, write_text
 from tasks.params import PARAMS_FILE, load
 
@@ -35,16 +38,81 @@ TRIAL = Path("trial.json")
 LASTING = (ConfigError, DataError, TrainingError, ExportError)
 
 
-def watch_parent(every: float = 0.5) -> None:
-    """Stop (as on SIGTERM) when the process that started this one is gone: a sweep killed, a Dask worker closed."""
+ROOT = Path(__file__).resolve().parent.parent
+CHILDREN: set[subprocess.Popen] = set()  # the trial processes this process started: stopped with the sweep
+STOPPING = threading.Event()  # set, under CHILDREN_LOCK, when the sweep stops: no trial process starts after it
+CHILDREN_LOCK = threading.Lock()
+
+
+def start(folder: Path, stages: list[str], threads: int, store: str) -> int:
+    """Run this module on `stages` in `folder`, its output appended to the folder's trial.log; its exit code.
+
+    Called by the sweep's tasks, in the sweep's process or on a Dask worker (which gets this module by
+    name: its lock and set are not sent along).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)  # the trials share the cores
+    env["MLFLOW_TRACKING_URI"] = store
+    with CHILDREN_LOCK, open(folder / "trial.log", "ab") as log:
+        if STOPPING.is_set():
+            raise BusyError("the sweep is stopping: no trial starts now")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.trial", *stages], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        CHILDREN.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:  # this thread was stopped: the trial goes too, marking its MLflow run KILLED
+            proc.terminate()
+            proc.wait()
+        CHILDREN.discard(proc)
+
+
+def stop_all(folder: Path) -> None:
+    """Stop every trial: this process's own now, and through the sweep folder's `stop` file those on Dask workers."""
+    with CHILDREN_LOCK:
+        STOPPING.set()
+        for proc in CHILDREN:
+            proc.terminate()  # each marks its MLflow run KILLED
+    with contextlib.suppress(OSError):
+        (folder / "stop").touch()
+
+
+STOP = Path("../stop")  # the sweep's folder: written when the sweep stops, read by every trial wherever it runs
+
+
+def watch(every: float = 0.5) -> None:
+    """Stop (as on SIGTERM) when the sweep stops, or the process that started this one is gone.
+
+    The sweep, stopped, writes its folder's `stop` file: a trial running on another machine's Dask
+    worker, which Dask cannot interrupt, sees it there. A killed sweep or a closed local Dask
+    worker leaves this process an orphan.
+    """
     parent = os.getppid()
 
-    def watch() -> None:
-        while os.getppid() == parent:
+    def loop() -> None:
+        while os.getppid() == parent and not STOP.exists():
             time.sleep(every)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+    threading.Thread(target=loop, name="watch", daemon=True).start()
+
+
+def hold(folder: Path = Path(".")) -> Any:
+    """This trial's folder, for this process alone: a trial still running elsewhere is not run again beside it."""
+    import fcntl
+
+    handle = open(folder / "trial.lock", "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BusyError(
+            f"{folder.resolve()} is in use by another run of this trial (a sweep stopped while a Dask worker still "
+            "ran it?); wait for it to end, then run the sweep again"
+        ) from None
+    return handle
 
 
 def metrics() -> dict[str, float]:
@@ -104,14 +172,21 @@ def run(stages: list[str]) -> dict:
     return result
 
 
+def stop_once(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C, once: the sweep and this process's own watch may both send one."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
 def main(argv: list[str]) -> None:
     stages = argv or ["build", "train", "evaluate"]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         sys.exit(f"error: unknown steps {unknown}; choose from {', '.join(STAGES)}")
-    stop_on_sigterm()
-    watch_parent()
+    signal.signal(signal.SIGTERM, stop_once)
     with user_errors():
+        lock = hold()  # noqa: F841 - held until this process ends
+        watch()
         run(stages)
 
 

@@ -62,6 +62,7 @@ def test_a_grid_runs_every_combination_and_random_draws_are_reproducible(tmp_pat
         ("space: {}\n", "space"),
         ("spaces:\n  train.lr: [0.1]\n", "spaces: not a sweep file key; the keys are name, method"),
         ("space: [\n", "is not valid YAML"),
+        ("params:\n  train: {epochs: 3}\nspace:\n  train.lr: [0.1]\n", "'train' is a section; name each param"),
     ],
 )
 def test_a_bad_sweep_file_is_refused_naming_the_key_or_trial(tmp_path, text, expected):
@@ -106,8 +107,8 @@ def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_res
     sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "sweep", cwd=project)
     params = (project / "params.yaml").read_bytes()
 
-    # Stopped as a cancel from the Prefect UI stops it (SIGTERM) once two trials have a result.
-    first = start("-m", "flows.sweep", spec, "--dask", "--parallel", "1", cwd=project, env=env)
+    # Two at once, on two Dask workers; stopped as a worker stops a cancelled run (SIGTERM) once two have a result.
+    first = start("-m", "flows.sweep", spec, "--dask", "--parallel", "2", cwd=project, env=env)
     deadline = time.monotonic() + 300
     while len(results(project)) < 2 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -118,7 +119,7 @@ def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_res
     assert 2 <= len(done) < 4, out
     assert out.strip().splitlines()[-1].startswith(f"error: sweep grid terminated (SIGTERM): {len(done)} of 4 trials")
 
-    again = sh(sys.executable, "-m", "flows.sweep", spec, "--dask", "--parallel", "1", cwd=project, env=env)
+    again = sh(sys.executable, "-m", "flows.sweep", spec, "--dask", "--parallel", "2", cwd=project, env=env)
     out = again.stdout + again.stderr
     assert f"{len(done)} have a result from before, {4 - len(done)} to run" in out
     started = {line.split("[trial ")[1].split("]")[0] for line in out.splitlines() if "] started in" in line}
@@ -145,7 +146,10 @@ def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_res
         assert run.data.metrics["best/val_accuracy"] == pytest.approx(mine["metrics"]["val/accuracy"])
     number = best.removeprefix("trial-")
     lr = {"1": 0.001, "2": 0.003, "3": 0.001, "4": 0.003}[number]
-    assert f"best: trial {number} (lr={lr:g}" in out and f"python -m flows.pipeline --set train.lr={lr}" in out
+    assert f"best: trial {number} (lr={lr:g}" in out
+    batch = {"1": 32, "2": 32, "3": 64, "4": 64}[number]
+    adopt = f"python -m flows.pipeline --set train.epochs=3 --set train.lr={lr} --set train.batch_size={batch}"
+    assert adopt in out
 
     # The Prefect artifact says the same; the checkout's params and files are as they were.
     from prefect import get_client
@@ -159,16 +163,50 @@ def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_res
     assert not (project / "models").exists() and not (project / "dvc.lock").exists()
 
 
-@pytest.mark.slow
-def test_a_failing_trial_is_reported_and_not_rerun_while_the_others_give_the_best(prefect_api, project):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    spec = write(project, "lr.yaml", "params:\n  train.epochs: 3\nspace:\n  train.lr: [0.003, 10]\n")
-    proc = sh(sys.executable, "-m", "flows.sweep", spec, cwd=project, env=env)
-    out = proc.stdout + proc.stderr
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
-    assert "finished" in rows["1"] or "best" in rows["1"]
-    assert "failed" in rows["2"] and "trial 2: train: training diverged" in out
-    assert "best: trial 1 (lr=0.003)" in out
+def trial_processes(project: Path) -> list[str]:
+    out = sh("ps", "-eo", "args", cwd=project).stdout
+    return [line for line in out.splitlines() if "flows.trial" in line]
 
-    again = sh(sys.executable, "-m", "flows.sweep", spec, cwd=project, env=env)
-    assert "2 have a result from before, 0 to run" in again.stdout + again.stderr
+
+@pytest.mark.slow
+def test_a_stopped_sweep_stops_its_trials_resumes_them_and_keeps_a_failed_trial_as_its_result(prefect_api, project):
+    from tasks.tracking import client
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    spec = write(project, "lr.yaml", "params:\n  train.epochs: 100\nspace:\n  train.lr: [0.003, 10]\n")
+    first = start("-m", "flows.sweep", spec, "--parallel", "2", cwd=project, env=env)  # on Prefect's threads
+    deadline = time.monotonic() + 300
+    # Stopped once trial 1 has checkpoints, and trial 2 (lr=10) has diverged.
+    while len(list(project.glob(".sweeps/lr-*/trial-1/models/train/checkpoints/*.pt"))) < 2 or not list(
+        project.glob(".sweeps/lr-*/trial-2/result.json")
+    ):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 143, out
+    time.sleep(1)
+    assert trial_processes(project) == []  # no training goes on without the sweep
+    (note,) = project.glob(".sweeps/lr-*/sweep.json")
+    parent = json.loads(note.read_text())["run_id"]
+    before = {r.data.tags["sweep.trial"]: r for r in sweep_runs(parent)}
+    assert before["1"].info.status == "KILLED" and client().get_run(parent).info.status == "KILLED"
+    assert before["2"].info.status == "FAILED"  # lr=10 diverged at once: that is its result
+
+    again = sh(sys.executable, "-m", "flows.sweep", spec, "--parallel", "2", cwd=project, env=env)
+    out = again.stdout + again.stderr
+    assert "1 have a result from before, 1 to run" in out and "] started in" in out
+    assert "train: resuming MLflow run" in next(project.glob(".sweeps/lr-*/trial-1/trial.log")).read_text()
+    after = {r.data.tags["sweep.trial"]: r for r in sweep_runs(parent)}
+    assert after["1"].info.run_id == before["1"].info.run_id and after["1"].info.status == "FINISHED"
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert "best" in rows["1"] and "failed" in rows["2"] and "trial 2: train: training diverged" in out
+    assert "best: trial 1 (lr=0.003)" in out
+    assert client().get_run(parent).info.status == "FINISHED"
+
+    # Every trial failing: one line, non-zero, and the same again (the failures are results).
+    only = write(project, "diverge.yaml", "params:\n  train.epochs: 3\nspace:\n  train.lr: [10]\n")
+    for _ in range(2):
+        proc = sh(sys.executable, "-m", "flows.sweep", only, cwd=project, env=env, check=False)
+        assert proc.returncode == 1
+        assert one_line_error(proc).startswith("error: no trial of sweep diverge finished; the first error: train: ")
