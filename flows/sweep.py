@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import BusyError, ConfigError, PipelineError
+from tasks.errors import ConfigError, PipelineError
 from tasks.params import PARAMS_FILE, Params, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,14 +54,13 @@ def _first_in(section: str) -> str:
     return next(k for k in Params().flat() if k.startswith(section + ".")).removeprefix(section + ".")
 
 
-def first_error(exc: ValidationError, what: str) -> str:
+def first_error(exc: ValidationError, model: type[BaseModel], what: str) -> str:
     """`where: what is wrong` for the first error; a misspelt key first, with the keys there are."""
     error = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     where = ".".join(str(p) for p in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
-        keys = (Spec if what == "sweep file" else Distribution).model_fields
-        message = f"not a {what} key; the keys are {', '.join(keys)}"
+        message = f"not a {what} key; the keys are {', '.join(model.model_fields)}"
     return f"{where}: {message}" if where else message
 
 
@@ -136,7 +135,7 @@ class Spec(BaseModel):
                 try:
                     out[key] = Distribution.model_validate(dimension)
                 except ValidationError as exc:
-                    raise ValueError(f"{key}: {first_error(exc, 'distribution')}") from None
+                    raise ValueError(f"{key}: {first_error(exc, Distribution, 'distribution')}") from None
             elif isinstance(dimension, list) and dimension:
                 out[key] = dimension
             else:
@@ -185,7 +184,7 @@ def read_spec(path: Path) -> Spec:
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"sweep file {path}: {first_error(exc, 'sweep file')}") from None
+        raise ConfigError(f"sweep file {path}: {first_error(exc, Spec, 'sweep file')}") from None
 
 
 def expand(spec: Spec) -> list[dict[str, Any]]:
@@ -358,9 +357,8 @@ def store_uri() -> str:
     from tasks import tracking
 
     uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
+    db = tracking._sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def log_size(folder: Path) -> int:
@@ -384,7 +382,7 @@ def last_error(folder: Path, start: int = 0) -> str:
 
 def read_result(folder: Path, key: str | None = None) -> dict | None:
     try:
-        result = json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / runner.RESULT).read_text())
     except (OSError, ValueError):
         return None
     return result if isinstance(result, dict) and (key is None or result.get("key") == key) else None
@@ -423,7 +421,7 @@ def prepare(folder: Path, params: Params, label: str, threads: int, checkout: Pa
     root = Path(params.prepare.root)
     if not root.is_absolute() and (checkout / root).exists():
         link(folder / root, checkout / root)  # the checkout's raw data, at the same relative path
-    (folder / "trial.json").write_text(json.dumps({"key": folder.name}))
+    (folder / runner.TRIAL).write_text(json.dumps({"key": folder.name}))
     start = log_size(folder)
     code = runner.start(folder, ["prepare"], threads, store)
     if code != 0:
@@ -445,8 +443,8 @@ def trial(
     for shared in (paths.PREPARED, paths.DATA_COUNTS.parent):
         link(folder / shared, Path(prepared) / shared)
     key = tags["sweep.trial_key"]
-    (folder / "trial.json").write_text(json.dumps({"key": key, "tags": tags}))
-    (folder / "result.json").unlink(missing_ok=True)
+    (folder / runner.TRIAL).write_text(json.dumps({"key": key, "tags": tags}))
+    (folder / runner.RESULT).unlink(missing_ok=True)
     logger.info(f"started in {shown(folder)} (log: {shown(folder / 'trial.log')})")
     start = log_size(folder)
     code = runner.start(folder, ["build", "train", "evaluate"], threads, store)
@@ -463,20 +461,6 @@ def trial(
 
 
 # The sweep -----------------------------------------------------------------------------------------------------------
-
-
-def sweep_lock(folder: Path) -> Any:
-    """One process per sweep folder at a time: a second start of the same sweep is refused."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / "lock", "a+")  # noqa: SIM115 - held for the sweep's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise BusyError(f"this sweep is already running ({shown(folder)} is locked); wait for it, or stop it") from None
-    return handle
 
 
 def parent_run(plan: Plan, tags: dict[str, str]) -> str:
@@ -519,12 +503,11 @@ def parent_run(plan: Plan, tags: dict[str, str]) -> str:
     write_text(note, json.dumps({"run_id": run_id, "tracking_uri": tracking.tracking_uri()}))
     # The results of earlier trials belong to runs of another parent, gone or in another store: run them again.
     for old in plan.trials:
-        (old.folder / "result.json").unlink(missing_ok=True)
+        (old.folder / runner.RESULT).unlink(missing_ok=True)
     return run_id
 
 
 def trial_tags(plan: Plan, trial: Trial, parent: str, common: dict[str, str]) -> dict[str, str]:
-
     fixed = " ".join(override(k, v) for k, v in plan.spec.params.items()) or "none"
     return {
         **common,
@@ -559,7 +542,7 @@ def table(plan: Plan, results: dict[int, dict], errors: dict[int, str]) -> list[
         rows.append(
             {
                 "trial": t.number,
-                **{k: v for k, v in t.values.items()},
+                **t.values,
                 **{k: round(m[k], 4) if k in m else None for k in METRICS},
                 "best epoch": int(m["best_epoch"]) if "best_epoch" in m else None,
                 "seconds": result.get("seconds"),
@@ -584,8 +567,8 @@ def print_table(plan: Plan, rows: list[dict[str, Any]]) -> None:
     from tasks.naming import _short, _value
 
     keys = list(plan.base.flat())
-    shown = [m for m in METRICS if not m.endswith("loss") or m == plan.spec.metric]
-    columns = ["trial", *plan.spec.space, *shown, "best epoch", "seconds", "status"]
+    metrics = [m for m in METRICS if not m.endswith("loss") or m == plan.spec.metric]
+    columns = ["trial", *plan.spec.space, *metrics, "best epoch", "seconds", "status"]
     view = Table(title=f"sweep {plan.name}: best by {plan.spec.metric} ({plan.spec.goal}imum)", title_justify="left")
     for column in columns:
         view.add_column(_short(column, keys) if column in plan.spec.space else column, justify="right")
@@ -671,7 +654,10 @@ def sweep(
 
     logger = get_run_logger()
     plan = make_plan(Path(sweep_path), Path(params_path), parallel)
-    lock = sweep_lock(plan.folder)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    lock = runner.hold(
+        plan.folder / "lock", f"this sweep is already running ({shown(plan.folder)} is locked); wait for it, or stop it"
+    )
     (plan.folder / "stop").unlink(missing_ok=True)  # left by the last stop: this start runs
     runner.STOPPING.clear()
     if fresh:  # under the lock: never the folder of a sweep that is running
@@ -691,8 +677,6 @@ def sweep(
         }
         if url := url_for("flow-run", obj_id=flow_run.id):
             common["prefect.flow_run_url"] = url
-        git = tracking.git_tags(PARAMS_FILE, True)  # the checkout's commit; the trials' params differ from it
-        common["mlflow.source.git.commit"] = git["mlflow.source.git.commit"]
         parent_tags = {
             **common,
             "mlflow.runName": f"sweep {plan.name} ({plan.spec.method}, {len(plan.trials)} trials)",
@@ -803,9 +787,9 @@ def main(args: argparse.Namespace) -> None:
     stop_on_sigterm()
     with user_errors():
         plan = make_plan(args.sweep, args.params, args.parallel)
-        runner = task_runner(args.dask, plan.parallel)
+        executor = task_runner(args.dask, plan.parallel)
         try:
-            sweep.with_options(task_runner=runner)(
+            sweep.with_options(task_runner=executor)(
                 sweep_path=str(args.sweep), params_path=str(args.params), parallel=args.parallel, fresh=args.fresh
             )
         except KeyboardInterrupt as exc:

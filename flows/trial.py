@@ -100,18 +100,20 @@ def watch(every: float = 0.5) -> None:
     threading.Thread(target=loop, name="watch", daemon=True).start()
 
 
-def hold(folder: Path = Path(".")) -> Any:
-    """This trial's folder, for this process alone: a trial still running elsewhere is not run again beside it."""
+def hold(path: Path, busy: str) -> Any:
+    """`path` locked for this process until it ends (or the handle is closed); a BusyError saying `busy` if taken.
+
+    The sweep holds its folder's lock (one start at a time), and each trial process its folder's
+    (a trial still running elsewhere is not run again beside it).
+    """
     import fcntl
 
-    handle = open(folder / "trial.lock", "a+")  # noqa: SIM115 - held for the process's life
+    handle = open(path, "a+")  # noqa: SIM115 - held as long as the lock
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise BusyError(
-            f"{folder.resolve()} is in use by another run of this trial (a sweep stopped while a Dask worker still "
-            "ran it?); wait for it to end, then run the sweep again"
-        ) from None
+        handle.close()
+        raise BusyError(busy) from None
     return handle
 
 
@@ -185,7 +187,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: unknown steps {unknown}; choose from {', '.join(STAGES)}")
     signal.signal(signal.SIGTERM, stop_once)
     with user_errors():
-        lock = hold()  # noqa: F841 - held until this process ends
+        busy = (
+            f"{Path.cwd()} is in use by another run of this trial (a sweep stopped while a Dask worker still ran "
+            "it?); wait for it to end, then run the sweep again"
+        )
+        lock = hold(Path("trial.lock"), busy)  # noqa: F841 - held until this process ends
         watch()
         run(stages)
 
