@@ -10,7 +10,9 @@ running, some pipeline runs in them, and `dvc plots show` run once. The README's
 in a fresh clone after `python -m flows.pipeline`, `--set train.lr=0.01` and `--set build.model=mlp`;
 the deployment's, in a fresh clone after `scripts/deploy.sh`, a worker, `scripts/retrain.sh
 train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges); the sweep's, after
-`bash scripts/sweep.sh sweeps/lr.yaml` into an empty MLflow store (`--pages sweep`).
+`bash scripts/sweep.sh sweeps/lr.yaml` into an empty MLflow store (`--pages sweep`); the registry's,
+after three committed runs of `dvc repro` (3, 10 and 2 epochs: champion, champion, challenger;
+`--pages registry`).
 
 Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
 `websockets` package that Prefect already brings: each page is opened in a fresh profile, given
@@ -254,6 +256,27 @@ def sweep_pages(urls: tuple[str, str], out: Path) -> None:
         browser.close()
 
 
+def registry_pages(mlflow: str, out: Path) -> None:
+    """The registered model's versions and aliases, and the champion's run page (its data sets and registry)."""
+    from tasks import tracking
+
+    c = tracking.client()
+    champion = c.get_model_version_by_alias("classifier", "champion")
+    run = c.get_run(champion.run_id)
+    browser = Browser(1600, 900)
+    try:
+        browser.open(f"{mlflow}/#/models/classifier?{tracking.UI_MODE}", until="Version 3", settle=4)
+        browser.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        time.sleep(1)
+        browser.shot(out / "mlflow-registry.png")
+        browser.size(1600, 1300)
+        page = f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{tracking.UI_MODE}"
+        browser.open(page, until="digits-train", settle=4)
+        browser.shot(out / "mlflow-run-lineage.png")
+    finally:
+        browser.close()
+
+
 def plots_page(page: Path, out: Path) -> None:
     browser = Browser(1400, 1700, offline=True)
     try:
@@ -269,6 +292,7 @@ PAGES = {
     "prefect": prefect_page,
     "deployment": deployment_pages,
     "sweep": sweep_pages,
+    "registry": registry_pages,
     "plots": plots_page,
 }
 
@@ -285,7 +309,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.pages:
         mlflow, prefect = args.mlflow.rstrip("/"), args.prefect.rstrip("/")
-        source = {"mlflow": mlflow, "plots": args.plots, "sweep": (mlflow, prefect)}.get(name, prefect)
+        sources = {"mlflow": mlflow, "registry": mlflow, "plots": args.plots, "sweep": (mlflow, prefect)}
+        source = sources.get(name, prefect)
         PAGES[name](source, args.out)
 
 

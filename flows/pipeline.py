@@ -1,4 +1,4 @@
-"""The whole pipeline as one Prefect flow: prepare, build, train, evaluate, export.
+"""The whole pipeline as one Prefect flow: prepare, build, train, evaluate, export, promote.
 
     python -m flows.pipeline                         # run what is out of date
     python -m flows.pipeline --set train.lr=0.01     # override params (written to params.yaml)
@@ -94,7 +94,7 @@ def step(stage: str, params_path: str, tags: dict[str, str], up_to_date: bool = 
     """One pipeline step; takes and returns paths and small summaries, never tensors.
 
     A step DVC finds up to date is still a task run, in state Skipped, so the flow run's graph
-    always shows all five steps.
+    always shows every step.
     """
     if up_to_date:
         return Completed(name="Skipped", message="up to date: DVC found its code, data and params unchanged")
@@ -120,7 +120,7 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 
 # One Prefect task per stage, named like the stage. Inputs are paths, so nothing to cache.
 STEP_TASKS = {stage: task(step, name=stage, task_run_name=stage, cache_policy=NO_CACHE) for stage in STAGES}
-for _stage in ("train", "evaluate", "export"):  # the steps that talk to the tracking store
+for _stage in ("train", "evaluate", "export", "promote"):  # the steps that talk to the tracking store
     STEP_TASKS[_stage] = STEP_TASKS[_stage].with_options(
         retries=RETRIES, retry_delay_seconds=[10, 60], retry_condition_fn=worth_retrying
     )
@@ -240,6 +240,8 @@ def results_artifact(name: str, before: dict | None, results: dict) -> None:
             lines += ["", f"MLflow run: [{run_id}]({tracking.run_url(run_id)})"]
         except PipelineError as exc:
             lines += ["", f"MLflow run {run_id} ({exc})"]
+    if isinstance(decision := results.get("promote"), dict) and decision.get("reason"):
+        lines += ["", f"Registry ({decision['decision']}): {decision['reason']}"]
     lines += [
         "",
         "Steps: "
@@ -382,6 +384,7 @@ def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[
     tags = {
         "orchestrator": "prefect",
         "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": name,
         "mlflow.runName": name,  # the MLflow run, if train runs, is called like this flow run
     }
     if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tasks.params import Params
 
-STAGES = ("prepare", "build", "train", "evaluate", "export")
+STAGES = ("prepare", "build", "train", "evaluate", "export", "promote")
 
 # Offline by default, in every entry point (`python -m tasks`, the flows, `dvc repro`'s stages,
 # the tests), not only behind scripts/env.sh: no usage data from Prefect, MLflow or DVC, and no

@@ -89,6 +89,7 @@ def _evaluate(params: Params, model: torch.nn.Module, run_id: str) -> dict:
         csv_file.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
         confusion_png(result["confusion"], classes, png_file)
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in test.items()})
+        tracking.log_datasets(run_id, [inputs.split_record("test")])
         table_file = Path(tmp) / "per_class.json"  # the MLflow run's table: one row per class
         table_file.write_text(tracking.table_json(table))
         tracking.log_table(run_id, table_file)

@@ -177,7 +177,7 @@ def check_in_fresh_process(x: torch.Tensor, expected: torch.Tensor, ts: Path, pt
 
 
 def log_to_mlflow(
-    run_id: str, model: torch.nn.Module, example: torch.Tensor, ts: Path, files: list[Path], hashes: dict
+    run_id: str, model: torch.nn.Module, example: torch.Tensor, ts: Path, files: list[Path], hashes: dict, check: str
 ) -> dict[str, str]:
     """Log the export files, then the `pt2` and TorchScript models; return the models' URIs.
 
@@ -189,7 +189,8 @@ def log_to_mlflow(
     from mlflow.models import infer_signature
 
     tracking.log_artifacts(run_id, "export", files)
-    tracking.set_tags(run_id, {f"export.sha256.{k}": v for k, v in hashes.items()})
+    # export.check is what the registry's promotion requires (tasks/promote.py)
+    tracking.set_tags(run_id, {"export.check": check, **{f"export.sha256.{k}": v for k, v in hashes.items()}})
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with torch.no_grad():
         output = model(example).numpy()
@@ -307,7 +308,9 @@ def _export(params: Params, model: torch.nn.Module, run_id: str) -> dict:
             "torch": torch.__version__,
         }
         info_file.write_text(json_text(info))
-        uris = log_to_mlflow(run_id, model, x[:5], ts, [pt2, info_file], hashes)
+        worst = max(diffs.values())
+        check = f"passed: max |diff| {worst:.2e} <= export.atol {params.export.atol:g} on {x.shape[0]} images"
+        uris = log_to_mlflow(run_id, model, x[:5], ts, [pt2, info_file], hashes, check)
     print(
         f"export: {TORCHSCRIPT}, {EXPORTED}, {STATE}; max |diff| {max(diffs.values()):.2e}; "
         f"MLflow models {uris['model']} (pt2), {uris['torchscript']} (TorchScript pyfunc)"

@@ -284,8 +284,14 @@ def load_array(path: str | Path, made_by: str, ndim: int) -> Any:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    return file_hashes(path, "sha256")["sha256"]
+
+
+def file_hashes(path: str | Path, *names: str) -> dict[str, str]:
+    """Several hashes of one file, read once: {"sha256": ..., "md5": ...}. A file's md5 is its DVC 3 hash."""
+    digests = {name: hashlib.new(name, usedforsecurity=False) for name in names}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            for digest in digests.values():
+                digest.update(block)
+    return {name: digest.hexdigest() for name, digest in digests.items()}

@@ -11,7 +11,7 @@ from typing import Any
 
 from tasks import paths
 from tasks.errors import InputError
-from tasks.files import load_array, load_torch, read_json
+from tasks.files import file_hashes, load_array, load_torch, read_json
 from tasks.params import Params
 
 
@@ -22,6 +22,27 @@ def manifest() -> dict[str, Any]:
             f"{paths.MANIFEST} was not made by this version of prepare; make it again with `dvc repro prepare`"
         )
     return data
+
+
+def split_record(split: str) -> dict[str, Any]:
+    """What identifies a split: its files, their DVC hashes (md5, from the manifest or computed), its size.
+
+    The images file's md5 is the split's digest: the MLflow dataset input's, and what the registry
+    compares before it compares two models' test metrics.
+    """
+    data = manifest()
+    known = data.get("md5", {})
+    md5 = {p: known.get(p.name) or file_hashes(p, "md5")["md5"] for p in (paths.images(split), paths.labels(split))}
+    name = Path(data["root"]).name if data["dataset"] == "imagefolder" and data.get("root") else data["dataset"]
+    return {
+        "name": f"{name}-{split}",
+        "split": split,
+        "digest": md5[paths.images(split)],
+        "files": {str(p): h for p, h in md5.items()},
+        "rows": sum(data.get("counts", {}).get(split, {}).values()),
+        "shape": data["input_shape"],
+        "classes": len(data["classes"]),
+    }
 
 
 def dataset(split: str, transform=None, seed: int = 0):

@@ -156,6 +156,14 @@ class Export(Section):
     atol: Annotated[float, Field(gt=0, le=1)] = 1e-5
 
 
+class Promote(Section):
+    # A registry name that is also a plain URI part: models:/<name>@champion
+    registered_model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "classifier"
+    metric: Literal["test/accuracy", "test/f1_macro", "test/loss"] = "test/accuracy"
+    margin: Annotated[float, Field(ge=0)] = 0.0
+    from_dirty: bool = False
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
     prepare: Prepare = Prepare()
@@ -163,6 +171,7 @@ class Params(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     export: Export = Export()
+    promote: Promote = Promote()
 
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.003, ...}`: the names MLflow and `--set` use."""

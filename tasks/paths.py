@@ -58,4 +58,5 @@ OUTPUTS = {
     "train": (BEST, CHECKPOINTS, TRAIN_METRICS, TRAIN_CURVES),
     "evaluate": (TEST_METRICS, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG),
     "export": (EXPORT_STATE, TORCHSCRIPT, TORCH_EXPORT, EXPORT_INFO),
+    "promote": (),  # it writes to the MLflow model registry only
 }

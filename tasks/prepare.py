@@ -29,7 +29,7 @@ from tasks import BY_HAND, StepContext, paths
 from tasks.core import sources
 from tasks.core.data import channel_stats, rows_per_chunk, stratified_split
 from tasks.errors import DataError
-from tasks.files import csv_cell, json_text, sha256_file, staged
+from tasks.files import csv_cell, file_hashes, json_text, staged
 from tasks.params import Params
 
 # With prepare.workers: 0, fewer images than this are decoded in this process: each worker process
@@ -49,7 +49,9 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
         for split in paths.SPLITS:
             images, labels = staged_path[paths.images(split)], staged_path[paths.labels(split)]
             write_split(data["images"], data["labels"], parts[split], images, labels)
-        manifest["sha256"] = {p.name: sha256_file(staged_path[p]) for p in paths.ARRAYS}
+        hashes = {p.name: file_hashes(staged_path[p], "sha256", "md5") for p in paths.ARRAYS}
+        manifest["sha256"] = {name: h["sha256"] for name, h in hashes.items()}
+        manifest["md5"] = {name: h["md5"] for name, h in hashes.items()}  # as dvc.lock will record them
         staged_path[paths.MANIFEST].write_text(json_text(manifest))
         staged_path[paths.DATA_REPORT].write_text(json_text(report))
         write_plots(manifest, report, staged_path)

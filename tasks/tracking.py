@@ -344,6 +344,35 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
         client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+DATA_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_datasets(run_id: str, records: list[dict[str, Any]]) -> None:
+    """Each split (`inputs.split_record`) as a dataset input of the run, its digest the DVC hash of its images."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inputs = []
+    for r in records:
+        schema = TensorDatasetSchema(
+            features=Schema([TensorSpec(np.dtype("uint8"), (-1, *r["shape"]), "images")]),
+            targets=Schema([TensorSpec(np.dtype("int64"), (-1,), "labels")]),
+        )
+        dataset = Dataset(
+            name=r["name"],
+            digest=r["digest"],
+            source_type="dvc",
+            source=json.dumps({"files": r["files"], "hash": "md5, as dvc.lock records it"}),
+            schema=json.dumps(schema.to_dict()),
+            profile=json.dumps({"num_rows": r["rows"], "classes": r["classes"]}),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATA_CONTEXT[r["split"]])]))
+    with store():
+        client().log_inputs(run_id, datasets=inputs)
+
+
 def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:
     c = client()
     with store():

@@ -460,6 +460,25 @@ def run_tags(params: Params, ctx: StepContext) -> dict[str, str]:
     }
 
 
+def lineage_tags(params: Params, device: torch.device, processes: int) -> dict[str, str]:
+    """What made the run besides its commit and data: the effective params' hash, the software, the hardware."""
+    import platform
+
+    effective = json.dumps(params.model_dump(), sort_keys=True)  # the validated values, defaults and overrides included
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return {
+        "lineage.params_sha256": hashlib.sha256(effective.encode()).hexdigest(),
+        "lineage.torch": torch.__version__,
+        "lineage.cuda": torch.version.cuda or "none",  # the CUDA torch was built with; "none": a CPU-only build
+        "lineage.device": f"{device.type} ({hardware})" + (f" x {processes} processes" if processes > 1 else ""),
+        "lineage.platform": platform.platform(),
+        "lineage.python": platform.python_version(),
+    }
+
+
 def open_run(params: Params, tags: dict[str, str], found: tuple[dict, Path] | None) -> tuple[Run, dict | None]:
     """Continue the MLflow run that wrote the checkpoint, or start one; return its id and the state to resume."""
     key = tags[RESUME_TAG]
@@ -513,9 +532,10 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
     try:
         state = None
         if me.main:
-            tags = {"data.sha256": data_hash, RESUME_TAG: key, **run_tags(params, ctx)}
-            run, state = open_run(params, tags, found)
+            tags = {"data.sha256": data_hash, RESUME_TAG: key, **lineage_tags(params, device, me.size)}
+            run, state = open_run(params, {**tags, **run_tags(params, ctx)}, found)
             run_id = run.id
+            tracking.log_datasets(run_id, [inputs.split_record("train"), inputs.split_record("val")])
             tracking.log_artifacts(run_id, "data", [p for p in DATA_ARTIFACTS if p.exists()])
             tracking.log_artifacts(run_id, "params", [ctx.params_path])
         # The other processes get rank 0's choice, whole: on other machines they may not see its files.

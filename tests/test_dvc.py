@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from tasks import STAGES
 from tasks.files import sha256_file
 from tasks.tracking import tracking_uri
-from tests.conftest import OUTPUTS, clone, dvc, make_project, set_param, sh, start, wait_for
+from tests.conftest import OUTPUTS, clone, dvc, make_project, python, set_param, sh, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,7 @@ def mlflow_runs(path: Path):
 
 def test_first_repro_runs_every_stage_and_reaches_097(repo):
     path, first = repo
-    for stage in ("prepare", "build", "train", "evaluate", "export"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     for out in OUTPUTS:
         assert (path / out).stat().st_size > 0, out
@@ -287,23 +289,67 @@ def test_a_pickle_planted_in_a_copy_of_the_logged_model_does_not_run(repo, tmp_p
     assert marker.exists()
 
 
-def test_changing_the_learning_rate_reruns_train_and_after_only(changed):
+def locked_md5(path: Path) -> dict[str, str]:
+    """{output path: md5} as dvc.lock records them now."""
+    lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+
+
+def test_changing_the_learning_rate_reruns_train_and_after_with_lineage_on_both_runs(changed, tmp_path):
     path = changed
     sh("git", "add", "-A", cwd=path)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=path)
+    before = locked_md5(path)
     set_param(path, "lr: 0.003", "lr: 0.004")
     out = dvc("repro", cwd=path).stdout
     assert "Stage 'prepare' didn't change" in out and "Stage 'build' didn't change" in out
-    for stage in ("train", "evaluate", "export"):
+    for stage in ("train", "evaluate", "export", "promote"):
         assert f"Running stage '{stage}'" in out
     diff = dvc("params", "diff", cwd=path).stdout
     assert "train.lr" in diff and "0.003" in diff and "0.004" in diff
     assert "metrics/train.json" in dvc("metrics", "diff", "--all", cwd=path).stdout
-    _, runs = mlflow_runs(path)
+    c, runs = mlflow_runs(path)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == 2 and finished[1].data.params["train.lr"] == "0.004"
     assert "test/accuracy" in finished[1].data.metrics
-    assert finished[1].data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
+    first, second = finished
+    assert second.data.tags["git.dirty"] == "true"  # params.yaml differs from the commit
+
+    # Lineage on both runs: names that tell them apart, the effective params' hash, the software and device,
+    # every DVC output as dvc.lock recorded it then, the data as dataset inputs with their DVC hashes.
+    assert (first.info.run_name, second.info.run_name) == ("cnn-digits", "cnn-digits lr=0.004")
+    assert first.data.tags["lineage.params_sha256"] != second.data.tags["lineage.params_sha256"]
+    for run, locked in ((first, before), (second, locked_md5(path))):
+        tags = run.data.tags
+        assert tags["lineage.torch"] == torch.__version__ and tags["lineage.device"].startswith("cpu (")
+        shown = python("-m", "tasks.lineage", run.info.run_id, "--json", cwd=path, check=True).stdout
+        assert {o["path"]: o["md5"] for o in json.loads(shown)["dvc_outputs"]} == locked
+        digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        splits = ("train", "val", "test")
+        assert digests == {f"digits-{s}": locked[f"data/prepared/{s}-images.npy"] for s in splits}
+    assert before["models/export/model.pt2"] != locked_md5(path)["models/export/model.pt2"]
+    assert first.data.tags["dvc.prepare.outs"] == second.data.tags["dvc.prepare.outs"]
+    assert first.data.tags["dvc.train.outs"] != second.data.tags["dvc.train.outs"]
+
+    # From the first run's id to its files: restored from DVC's cache, the export the first run logged.
+    restored = tmp_path / "first"
+    shown = python("-m", "tasks.lineage", first.info.run_id, "--restore", str(restored), cwd=path, check=True)
+    assert f"into {restored}" in shown.stdout
+    pt2 = restored / "models/export/model.pt2"
+    assert (
+        sha256_file(pt2)
+        == first.data.tags["export.sha256.torch_export"]
+        != sha256_file(path / "models/export/model.pt2")
+    )
+    assert len(list((restored / "models/train/checkpoints").iterdir())) == 2
+    text = python("-m", "tasks.lineage", first.info.run_id, cwd=path, check=True).stdout
+    assert "models:/classifier/1 @challenger, @champion" not in text  # the second run took @challenger
+    assert "models:/classifier/1 @champion" in text and f"commit {first.data.tags['mlflow.source.git.commit']}" in text
+
+    # The registry: the second model stays challenger, as it was made from uncommitted params.
+    assert second.data.tags["promote.decision"] == "refused" and "git.dirty true" in second.data.tags["promote.reason"]
+    assert c.get_model_version_by_alias("classifier", "champion").run_id == first.info.run_id
+    assert c.get_model_version_by_alias("classifier", "challenger").run_id == second.info.run_id
 
 
 def test_a_param_that_changes_no_weight_links_the_earlier_results(changed):
@@ -370,7 +416,7 @@ def test_a_dvc_experiment_and_its_mlflow_run_share_a_name(changed):
     run = max(runs, key=lambda r: r.info.start_time)
     assert run.info.run_name == "cnn-digits lr=0.002 [lower-lr]"
     assert run.data.tags["dvc.experiment"] == "lower-lr" and run.data.tags["git.dirty"] == "true"
-    assert run.info.status == "FINISHED" and run.data.tags["pipeline.stage"] == "export"
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline.stage"] == "promote"
     assert "`train.lr`: 0.003 → 0.002" in run.data.tags["mlflow.note.content"]
     rows = dvc("exp", "show", "--only-changed", "--csv", cwd=path).stdout.splitlines()
     assert any("lower-lr" in row and "0.002" in row for row in rows)

@@ -77,8 +77,8 @@ def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     proc = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=4", cwd=project, env=env)
     out = proc.stdout + proc.stderr  # the steps' prints go through Prefect's logger, to stderr
     for i, stage in enumerate(("prepare", "build"), 1):
-        assert f"[{i}/5 {stage}] up to date" in out
-    assert "[3/5 train] epoch   4/4" in out
+        assert f"[{i}/6 {stage}] up to date" in out
+    assert "[3/6 train] epoch   4/4" in out
     # No noise: Prefect's long prefix and per-task end lines, MLflow's progress notes.
     for noise in ("| INFO ", "Task run '", "Finished in state Completed", "Validating input example", "warning"):
         assert noise not in out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import StepContext, naming, run_stage, tracking
+from tasks import STAGES, StepContext, naming, run_stage, tracking
 from tasks.errors import PipelineError
 from tasks.params import load, write_overrides
 from tests.conftest import ROOT, sh
@@ -173,7 +173,7 @@ def test_two_flow_runs_are_named_alike_in_prefect_and_mlflow_linked_and_report_r
         assert run.info.run_name == flow_run.name == name
         # Each links to the other.
         tags = run.data.tags
-        assert tags["prefect.flow_run_id"] == flow_run_id
+        assert tags["prefect.flow_run_id"] == flow_run_id and tags["prefect.flow_run_name"] == name
         assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{flow_run_id}")
         assert tags["prefect.flow_run_url"] in tags["mlflow.note.content"]
         results = artifacts["pipeline-results"].data
@@ -182,12 +182,13 @@ def test_two_flow_runs_are_named_alike_in_prefect_and_mlflow_linked_and_report_r
         assert tags["mlflow.source.git.commit"] == sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
         assert tags["mlflow.source.name"].endswith("flows/pipeline.py")
         assert "`train.epochs`: 3 → " in tags["mlflow.note.content"]
-        # FINISHED when export finished: its end time is within the export task's run.
-        assert run.info.status == "FINISHED" and tags["pipeline.stage"] == "export"
-        export = tasks["export"]
-        assert export.start_time.timestamp() * 1000 <= run.info.end_time <= export.end_time.timestamp() * 1000
-        # All five steps in the graph; the per-class table; every param in Prefect.
-        assert set(tasks) == {"prepare", "build", "train", "evaluate", "export"}
+        # FINISHED when promote, the last step, finished: its end time is within the promote task's run.
+        assert run.info.status == "FINISHED" and tags["pipeline.stage"] == "promote"
+        last = tasks["promote"]
+        assert last.start_time.timestamp() * 1000 <= run.info.end_time <= last.end_time.timestamp() * 1000
+        # Every step in the graph; the registry's decision; the per-class table; every param in Prefect.
+        assert set(tasks) == set(STAGES)
+        assert f"Registry ({tags['promote.decision']}): {tags['promote.reason']}" in results
         table = json.loads(Path(c.download_artifacts(run.info.run_id, "per_class.json", str(project))).read_text())
         assert table["columns"][:3] == ["class", "precision", "recall"] and len(table["data"]) == 10
         params_rows = artifacts["pipeline-params"].data
