@@ -105,7 +105,7 @@ def _promote(params: Params, run_id: str) -> dict:
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
         versions = c.search_model_versions(f"name = '{name}'")
-        same = [v for v in versions if getattr(v, "model_id", None) == model_id]
+        same = [v for v in versions if v.source == f"models:/{model_id}"]  # (a search leaves model_id unset)
         if same:  # this very model is registered already (promote ran again, or the weights were carried over)
             version = same[0]
         else:

@@ -112,6 +112,8 @@ def test_only_a_better_model_on_the_same_test_data_becomes_champion(trained):
     assert worse["challenger_value"] < worse["champion_value"] == start
     assert c.get_model_version_by_alias("classifier", "champion").version == 1
     assert c.get_model_version_by_alias("classifier", "challenger").version == 2
+    again = run_stage("promote", load(), StepContext(tags={"orchestrator": "cli"}))  # by hand: no new version
+    assert again["version"] == "2" and len(c.search_model_versions("name = 'classifier'")) == 2
     run = c.get_run(c.get_model_version("classifier", "2").run_id)
     assert run.data.tags["promote.decision"] == "kept" and run.data.tags["promote.champion_value"] == repr(start)
 
