@@ -89,8 +89,12 @@ def _locked_outputs(c: Any, run_id: str) -> dict[str, str]:
     with tracking.store(), tempfile.TemporaryDirectory() as tmp:
         if not any(a.path == "lineage/dvc.lock" for a in c.list_artifacts(run_id, "lineage")):
             return {}
-        lock = _yaml().load(Path(c.download_artifacts(run_id, "lineage/dvc.lock", tmp)).read_text()) or {}
-    return {o["path"]: o.get("md5", "") for stage in lock.get("stages", {}).values() for o in stage.get("outs", [])}
+        text = Path(c.download_artifacts(run_id, "lineage/dvc.lock", tmp)).read_text()
+    try:
+        stages = (_yaml().load(text) or {}).get("stages", {})
+        return {o["path"]: o.get("md5", "") for stage in stages.values() for o in stage.get("outs", [])}
+    except Exception as exc:  # a changed artifact: say so, in one line
+        raise InputError(f"the run's lineage/dvc.lock cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _output(path: str, md5: str) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def _output(path: str, md5: str) -> dict[str, Any]:
     entry["in_git"] = path in _kept_in_git()
     if md5.endswith(".dir"):
         entry["files"] = (
-            [{"relpath": f["relpath"], "md5": f["md5"], "cache": str(_cache_path(f["md5"]))}
+            [{"relpath": f["relpath"], "md5": f["md5"], "cache": _cached_str(f["md5"])}
              for f in json.loads(cached.read_text())]
             if cached else []
         )  # fmt: skip
@@ -117,6 +121,11 @@ def _cache_path(md5: str) -> Path | None:
     """Where DVC's local cache keeps the object with this hash, or None when it does not have it."""
     path = Path(_cache().oid_to_path(md5))
     return path if path.is_file() else None
+
+
+def _cached_str(md5: str) -> str | None:
+    path = _cache_path(md5)
+    return str(path) if path else None
 
 
 @functools.cache
@@ -136,10 +145,14 @@ def _kept_in_git() -> set[str]:
 @functools.cache
 def _cache() -> Any:
     """This checkout's local DVC cache (`.dvc/config` may move it)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(".") as repo:
-        return repo.cache.local
+    try:
+        with Repo(".") as repo:
+            return repo.cache.local
+    except NotDvcRepoError:
+        raise InputError(f"{Path.cwd()} is not a DVC checkout: run this from the project's root") from None
 
 
 def restore(info: dict[str, Any], dest: Path) -> list[Path]:
@@ -150,6 +163,8 @@ def restore(info: dict[str, Any], dest: Path) -> list[Path]:
             continue
         pieces = [(f["relpath"], f["cache"]) for f in out["files"]] if "files" in out else [("", out["cache"])]
         for relpath, cached in pieces:
+            if cached is None:  # a folder's file the cache lacks: reported as missing
+                continue
             target = dest / out["path"] / relpath if relpath else dest / out["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached, target)
@@ -200,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 fail(f"lineage: {args.restore} is not empty; name a new or empty folder", InputError.exit_code)
             written = restore(info, args.restore)
             missing = [o["path"] for o in info["dvc_outputs"] if o["cache"] is None]
+            for out in info["dvc_outputs"]:
+                missing += [f"{out['path']}/{f['relpath']}" for f in out.get("files", []) if f["cache"] is None]
             gone = f"; not in the cache: {', '.join(missing)}" if missing else ""
             print(f"restored {len(written)} files into {args.restore}{gone}")
             return

@@ -52,7 +52,7 @@ def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
             tracking.log_artifacts(run_id, "lineage", [LOCK])
         else:
             print(f"promote: no DVC hashes on the run: {why_not}")
-        return _promote(params, run_id)
+        return _promote(params, run_id, ctx.params_path)
 
 
 def dvc_lineage() -> tuple[dict[str, str], str]:
@@ -61,7 +61,10 @@ def dvc_lineage() -> tuple[dict[str, str], str]:
 
     if not LOCK.exists():
         return {}, f"there is no {LOCK} (run the pipeline with `dvc repro` or the flow)"
-    stages = (_yaml().load(LOCK.read_text()) or {}).get("stages", {})
+    try:
+        stages = dict((_yaml().load(LOCK.read_text()) or {}).get("stages", {}))
+    except Exception as exc:  # not YAML, or not a mapping: the lineage is lost, not the registration
+        return {}, f"{LOCK} cannot be read ({type(exc).__name__}); `dvc commit` writes it again"
     stages.pop("promote", None)  # this step's own entry is written after it, so it is the previous run's
     outs = {o["path"]: o.get("md5", "") for stage in stages.values() for o in stage.get("outs", [])}
     for path in (paths.BEST, paths.TORCH_EXPORT):
@@ -75,20 +78,34 @@ def dvc_lineage() -> tuple[dict[str, str], str]:
     return tags, ""
 
 
+def checkout_dirty(params: Params, params_path: Path) -> bool:
+    """Whether the checkout differs from its commit now, as train judges it (its tag covers train's time only)."""
+    from tasks import naming
+
+    committed = naming.committed_params(params_path)
+    # By value where git's HEAD has a valid params file, else by text: as train's tasks.train.run_tags
+    differs = naming.differs_from_head(params_path) if committed is None else bool(naming.changes(params, committed))
+    return tracking.git_tags(params_path, differs)["git.dirty"] == "true"
+
+
 def better_by(metric: str, new: float, old: float) -> float:
     """How much better `new` is than `old` (negative: worse); lower is better for a loss."""
     return old - new if metric.endswith("loss") else new - old
 
 
-def _promote(params: Params, run_id: str) -> dict:
+def _promote(params: Params, run_id: str, params_path: Path) -> dict:
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     cfg = params.promote
     name, metric = cfg.registered_model, cfg.metric
+    mlflow.set_tracking_uri(tracking.tracking_uri())  # the registry resolves models:/<id> through it
     c = tracking.client()
     with tracking.store():
         run = c.get_run(run_id)
-    tags = run.data.tags
+    tags = dict(run.data.tags)
+    if checkout_dirty(params, params_path):  # a step after train (evaluate, export, this one) changed since the commit
+        tags["git.dirty"] = "true"
     if metric not in run.data.metrics:
         return _refuse(run_id, None, f"the run has no {metric}: evaluate did not log it")
     value = run.data.metrics[metric]
@@ -127,9 +144,11 @@ def _promote(params: Params, run_id: str) -> dict:
         with tracking.store():
             champion = c.get_model_version(name, str(champion_version))
             champion_run = _run_or_none(c, champion.run_id)
-        champion_value = champion_run.data.metrics.get(metric) if champion_run else None
-        if champion_value is None and metric in champion.tags:
+        # The value registered with the version, measured on the test data of its data.test_md5 tag
+        if metric in champion.tags:
             champion_value = float(champion.tags[metric])
+        elif champion_run is not None:
+            champion_value = champion_run.data.metrics.get(metric)
     decision = {
         "registered_model": name,
         "version": str(version.version),
@@ -170,7 +189,7 @@ def _judge(cfg: Any, tags: dict, me: str, decision: dict, files: list[str], cham
         return "promoted", f"{me} is the champion: version {old} has no {metric}"
     gain = better_by(metric, value, decision["champion_value"])
     versus = f"{metric} {value:.4f} against {decision['champion_value']:.4f} of version {old}"
-    if gain > 0 and gain >= cfg.margin:
+    if gain > 0 and gain >= cfg.margin - 1e-12:  # 0.96 - 0.95 is 0.0099999... in floats
         return "promoted", f"{me} is the champion now: {versus}"
     if gain > 0:
         return "kept", f"{me} stays challenger: {versus}, not better by at least promote.margin ({cfg.margin:g})"
@@ -181,11 +200,10 @@ def _exported_model(c: Any, run: Any) -> str | None:
     """The id of the run's READY logged model named `model` (its own, or one carried over with the same weights)."""
     outputs = run.outputs.model_outputs if run.outputs else []
     with tracking.store():
-        for output in outputs:
-            model = c.get_logged_model(output.model_id)
-            if model.name == "model" and str(model.status) == "READY":
-                return model.model_id
-    return None
+        models = [c.get_logged_model(output.model_id) for output in outputs]
+    ready = [m for m in models if m.name == "model" and str(m.status) == "READY"]
+    # The latest: an export that ran again in the same run (its params changed) logged another
+    return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 
 
 def _run_or_none(c: Any, run_id: str | None) -> Any:
@@ -212,8 +230,10 @@ def _decide(run_id: str, version: Any, decision: dict, outcome: str, message: st
             c.set_registered_model_alias(version.name, CHAMPION, version.version)
         if version is not None:
             c.set_model_version_tag(version.name, version.version, "promote.decision", f"{outcome}: {message}")
+    keys = ("registered_model", "version", "challenger_value", "champion_version", "champion_value")
     tracking.set_tags(
-        run_id, {f"promote.{k}": "" if v is None else str(v) for k, v in decision.items() if k != "metric"}
+        run_id,
+        {f"promote.{k}": "" if decision.get(k) is None else str(decision[k]) for k in (*keys, "decision", "reason")},
     )
     print(f"promote: {message}")
     if outcome == "promoted":

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 RUN_FILE = RUN_NOTE
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "pipeline"
-PIPELINE_WRITES = ("dvc.lock", "metrics", "plots")
+PIPELINE_WRITES = ("dvc.lock", "metrics", "plots", "data/prepared/report.json")  # in git, rewritten by runs
 MODEL_TAG = "train.best_sha256"
 RETRAIN = "dvc repro --force --downstream train"
 
@@ -477,7 +477,9 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
             c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in own])
     with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:  # older runs have no table
         log_table(run_id, Path(c.download_artifacts(source.info.run_id, "per_class.json", tmp)))
-    set_tags(run_id, {"pipeline.same_model_as": source.info.run_id})
+    # export's tags too: the files' hashes, and that the export check passed (what promote requires)
+    exported = {k: v for k, v in source.data.tags.items() if k.startswith("export.")}
+    set_tags(run_id, {**exported, "pipeline.same_model_as": source.info.run_id})
     return source.info.run_id
 
 

@@ -32,7 +32,8 @@ def judge(value, champion_value=0.95, tags=None, data=DATA, champion_data=DATA, 
         "champion_version": "1" if champion else None,
         "champion_value": champion_value,
     }
-    return _judge(Promote(**cfg), {**CLEAN, **(tags or {})}, "classifier version 2", decision, data, champion)
+    tags = {k: v for k, v in {**CLEAN, **(tags or {})}.items() if v is not None}  # None: no such tag
+    return _judge(Promote(**cfg), tags, "classifier version 2", decision, data, champion)
 
 
 def test_the_first_model_is_champion():
@@ -50,6 +51,11 @@ def test_champion_moves_only_to_a_model_better_by_the_margin(value, margin, outc
     assert f"{value:.4f} against 0.9500 of version 1" in message
 
 
+def test_a_gain_equal_to_the_margin_is_enough_despite_float_rounding():
+    assert 0.57 - 0.56 < 0.01  # in floats
+    assert judge(0.57, champion_value=0.56, margin=0.01)[0] == "promoted"
+
+
 def test_a_lower_loss_is_better():
     assert judge(0.2, champion_value=0.3, metric="test/loss")[0] == "promoted"
     assert judge(0.4, champion_value=0.3, metric="test/loss")[0] == "kept"
@@ -61,7 +67,8 @@ def test_other_test_data_is_refused_even_for_a_better_model():
 
 
 def test_a_failed_or_missing_export_check_is_refused():
-    assert judge(0.99, tags={"export.check": "missing"})[0] == "refused"
+    assert judge(0.99, tags={"export.check": "failed"})[0] == "refused"
+    assert judge(0.99, tags={"export.check": None})[0] == "refused"
 
 
 def test_uncommitted_work_stays_challenger_unless_allowed():
