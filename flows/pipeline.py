@@ -370,6 +370,35 @@ def pipeline(
     return results
 
 
+# What a step adds to the model's MLflow run besides files. DVC finds these steps up to date in a
+# fresh clone (evaluate's outputs are all in git, promote has none), while that clone's first run,
+# in its own store, has neither the test metrics nor a registry decision.
+RECORDED = {"evaluate": ("metrics", "test/accuracy"), "promote": ("tags", "promote.decision")}
+
+
+def missing_from_run(stage: str) -> bool:
+    """Whether the MLflow run of the checkout's model lacks what `stage` adds to it: then it runs anyway."""
+    from prefect import get_run_logger
+
+    from tasks import paths, tracking
+
+    if stage not in RECORDED or not paths.BEST.exists():
+        return False
+    part, key = RECORDED[stage]
+    try:
+        run_id = tracking.current_run_id(paths.BEST)
+        with tracking.store():
+            run = tracking.client().get_run(run_id)
+    except PipelineError:  # no run of this model in this store: the step itself would fail the same way
+        return False
+    if key in getattr(run.data, part):
+        return False
+    get_run_logger().info(
+        f"{stage}: DVC finds it up to date, but MLflow run {run_id} has no {key}: running it", extra={"stage": stage}
+    )
+    return True
+
+
 def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[str, Any]) -> None:
     """The steps, in order; each one that ran is committed to dvc.lock and recorded in `results`."""
     from prefect import get_run_logger
@@ -390,7 +419,7 @@ def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[
     if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)
         tags["prefect.flow_run_url"] = url
     for stage in STAGES:
-        if repo is not None and not force and not repo.status(targets=[stage]):
+        if repo is not None and not force and not repo.status(targets=[stage]) and not missing_from_run(stage):
             STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
             logger.info(f"{stage}: up to date", extra={"stage": stage})  # the terminal drops "stage: "
             results[stage] = "up to date"

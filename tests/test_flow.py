@@ -69,6 +69,34 @@ def test_flow_runs_stale_stages_in_dvc_order_and_commits_them(prefect_api, proje
     assert runs[0].data.tags["prefect.flow_run_id"] == str(flow_run_id)
 
 
+def test_a_fresh_clone_s_first_flow_run_evaluates_and_registers_in_its_own_store(prefect_api, project, tmp_path):
+    """In a clone, DVC finds evaluate (its outputs are in git) and promote (no outputs) up to date; the flow
+    still runs them, since the clone's MLflow run has neither test metrics nor a registry decision."""
+    from flows.pipeline import pipeline
+
+    assert pipeline(return_state=True).is_completed()
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "results", cwd=project)
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", project, clone, cwd=tmp_path)
+    store = f"sqlite:///{tmp_path / 'clone.db'}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": store}
+    proc = sh(sys.executable, "-m", "flows.pipeline", cwd=clone, env=env)
+    out = proc.stdout + proc.stderr
+    for stage, key in (("evaluate", "test/accuracy"), ("promote", "promote.decision")):
+        assert re.search(rf"{stage}\] DVC finds it up to date, but MLflow run \w+ has no {key}: running it", out), out
+    assert sh("git", "status", "--porcelain", cwd=clone).stdout == ""  # the same bytes again
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(store)
+    (run,) = c.search_runs([c.get_experiment_by_name("pipeline").experiment_id])
+    assert "test/accuracy" in run.data.metrics and run.data.tags["promote.decision"] == "promoted"
+    assert c.get_model_version_by_alias("classifier", "champion").run_id == run.info.run_id
+    again = sh(sys.executable, "-m", "flows.pipeline", cwd=clone, env=env)
+    assert "running it" not in again.stdout + again.stderr  # recorded now: up to date
+
+
 def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     first = sh(sys.executable, "-m", "flows.pipeline", cwd=project, env=env)
