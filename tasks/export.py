@@ -312,7 +312,7 @@ def _export(params: Params, model: torch.nn.Module, run_id: str) -> dict:
         check = f"passed: max |diff| {worst:.2e} <= export.atol {params.export.atol:g} on {x.shape[0]} images"
         uris = log_to_mlflow(run_id, model, x[:5], ts, [pt2, info_file], hashes, check)
     print(
-        f"export: {TORCHSCRIPT}, {EXPORTED}, {STATE}; max |diff| {max(diffs.values()):.2e}; "
+        f"export: {TORCHSCRIPT}, {EXPORTED}, {STATE}; max |diff| {worst:.2e}; "
         f"MLflow models {uris['model']} (pt2), {uris['torchscript']} (TorchScript pyfunc)"
     )
     return {"torchscript": str(TORCHSCRIPT), "torch_export": str(EXPORTED), "model_uri": uris["model"]}

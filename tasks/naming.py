@@ -56,6 +56,14 @@ def changes(params: Params, committed: dict[str, Any] | None) -> dict[str, tuple
     return {k: (committed.get(k), v) for k, v in now.items() if committed.get(k) != v}
 
 
+def compare_with_head(params: Params, path: Path = PARAMS_FILE) -> tuple[dict[str, Any] | None, dict, bool]:
+    """(HEAD's flat params or None, `changes`, whether the params differ from HEAD): by value where git's
+    HEAD has a valid params file, else by text (differing when HEAD has none). What `git.dirty` counts."""
+    committed = committed_params(path)
+    changed = changes(params, committed)
+    return committed, changed, bool(changed) if committed is not None else differs_from_head(path)
+
+
 def _short(key: str, keys: list[str]) -> str:
     """`train.lr` -> `lr`, unless another param ends the same way (`train.batch_size`, `evaluate.batch_size`)."""
     last = key.rsplit(".", 1)[-1]

@@ -82,9 +82,7 @@ def checkout_dirty(params: Params, params_path: Path) -> bool:
     """Whether the checkout differs from its commit now, as train judges it (its tag covers train's time only)."""
     from tasks import naming
 
-    committed = naming.committed_params(params_path)
-    # By value where git's HEAD has a valid params file, else by text: as train's tasks.train.run_tags
-    differs = naming.differs_from_head(params_path) if committed is None else bool(naming.changes(params, committed))
+    differs = naming.compare_with_head(params, params_path)[2]
     return tracking.git_tags(params_path, differs)["git.dirty"] == "true"
 
 

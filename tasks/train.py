@@ -433,10 +433,7 @@ def run_tags(params: Params, ctx: StepContext) -> dict[str, str]:
     The flow passes the name it gave its own flow run (`mlflow.runName`) and that run's address;
     otherwise the name is made here, the same way.
     """
-    committed = naming.committed_params(ctx.params_path)
-    changed = naming.changes(params, committed)
-    # By value where git's HEAD has a valid params file, else by text (or "differs" when it has none).
-    differs = bool(changed) if committed is not None else naming.differs_from_head(ctx.params_path)
+    committed, changed, differs = naming.compare_with_head(params, ctx.params_path)
     experiment = naming.experiment_name()
     links = {}
     if url := ctx.tags.get("prefect.flow_run_url"):
