@@ -38,6 +38,7 @@ SOURCES = [
     "sweeps",
     "requirements.lock",
 ]
+REMOTE_URL = "~/.local/share/torch-pipeline/dvc-remote"  # .dvc/config's default remote
 # Every file a stage writes: what a failure must leave byte-identical. The checkpoints are the one
 # exception by design: a run writes them as it goes, so that the next run can resume from them.
 OUTPUTS = [str(p) for stage in STAGES for p in paths.OUTPUTS[stage] if p != paths.CHECKPOINTS]
@@ -95,6 +96,10 @@ def make_project(dest: Path, edits: dict[str, str] | None = None) -> Path:
             shutil.copy2(src, dest / name)
     for old, new in (edits or {}).items():
         set_param(dest, old, new)
+    # The default DVC remote, in the user's home, becomes a folder beside the copy: changed where a
+    # team would change it, in .dvc/config, and committed.
+    config = dest / ".dvc/config"
+    config.write_text(config.read_text().replace(REMOTE_URL, str(dest.parent / "dvc-remote")))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project", cwd=dest)
@@ -193,6 +198,28 @@ def immutable(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def prefect_rest(url: str, path: str, body: dict | None = None):
+    """A call to a Prefect server's REST API (GET, or POST with a JSON body); its JSON answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/{path}", data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET",
+    )  # fmt: skip
+    # Prefect's server answers 503 while its SQLite database is busy (two workers and the scheduler
+    # writing at once), and Prefect's own client retries it: so does this one.
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 @pytest.fixture(scope="session")

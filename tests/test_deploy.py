@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import create_database, dvc, free_port, query, sh
+from tests.conftest import prefect_rest as api
 
 pytestmark = pytest.mark.slow
-
-
-def api(url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{url}/{path}", data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET",
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
 
 
 def trigger(url: str, deployment: dict, overrides: list[str]) -> str:
