@@ -10,7 +10,8 @@ Each step is a Prefect task named like its DVC stage, calling the same function 
 checkout for the whole run (a `dvc repro` started meanwhile is refused, and the flow refuses to
 start beside one), asks DVC which stages are stale, runs only those, and commits each one it ran
 to `dvc.lock` and the DVC cache, so a flow run is versioned exactly like a `dvc repro` and a
-`dvc repro` after it has nothing to do. Overrides are validated, then written into params.yaml
+`dvc repro` after it has nothing to do; after a successful run it pushes them to the default DVC
+remote (.dvc/config). Overrides are validated, then written into params.yaml
 (as `dvc exp run -S` does), so the file says what the run uses and DVC judges staleness from the
 same values.
 
@@ -275,12 +276,9 @@ def pull_data(repo: Any, logger: Any) -> None:
         str(root / out) for stage in STAGES for out in paths.OUTPUTS[stage] if not (keep and out == paths.CHECKPOINTS)
     ]
     missing: list[str] = []
-    quiet = [logging.getLogger(name) for name in ("dvc", "dvc_data")]  # their warning lists every missing hash
-    levels = [logger_.level for logger_ in quiet]
-    for logger_ in quiet:
-        logger_.setLevel(logging.ERROR)
     try:
-        result = repo.pull(targets=targets)
+        with quiet_dvc():
+            result = repo.pull(targets=targets)
     except CheckoutError as exc:
         result = exc.result
         missing = sorted(os.path.relpath(os.path.abspath(path), repo.root_dir) for path in exc.target_infos)
@@ -297,9 +295,6 @@ def pull_data(repo: Any, logger: Any) -> None:
             f"dvc pull from remote '{remote}' failed: {reason}; check `dvc remote list` and that the remote is "
             "reachable, or run with pull off"
         ) from None
-    finally:
-        for logger_, level in zip(quiet, levels, strict=True):
-            logger_.setLevel(level)
     stats = result["stats"]
     count = {k: v if isinstance(v, int) else len(v) for k, v in stats.items()}  # counts, or lists of paths
     changed = sum(count.get(kind, 0) for kind in ("added", "modified", "deleted"))
@@ -310,6 +305,46 @@ def pull_data(repo: Any, logger: Any) -> None:
             f"the remote cannot be reached): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
             "the stages that make them run"
         )
+
+
+@contextlib.contextmanager
+def quiet_dvc() -> Any:
+    """DVC's own warnings off for a pull or push: they list every missing hash; the caller says it in one line."""
+    quiet = [logging.getLogger(name) for name in ("dvc", "dvc_data")]
+    levels = [logger_.level for logger_ in quiet]
+    for logger_ in quiet:
+        logger_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger_, level in zip(quiet, levels, strict=True):
+            logger_.setLevel(level)
+
+
+def push_outputs(repo: Any, logger: Any) -> None:
+    """`dvc push` every output dvc.lock names to the default remote, after a successful run.
+
+    So that a fresh clone, another machine or `python -m tasks.reproduce` finds this run's data and
+    models there. A push that fails fails nothing: the run's outputs are in the local cache, and one
+    warning names the remote, the reason and `dvc push`, which sends them later.
+    """
+    from dvc.exceptions import DvcException
+
+    remote = repo.config["core"].get("remote")
+    if not remote:
+        return
+    url = repo.config["remote"].get(remote, {}).get("url", "?")
+    try:
+        with quiet_dvc():
+            pushed = repo.push()
+    except (DvcException, ImportError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        logger.warning(
+            f"push: DVC remote '{remote}' ({url}) did not take this run's outputs: {reason}; they are in the "
+            "local cache: `dvc push` sends them once the remote is back"
+        )
+        return
+    logger.info(f"push: {pushed} new files to DVC remote '{remote}' ({url}); `dvc pull` gets them anywhere")
 
 
 def checkpoint_files(root: Path = Path()) -> list[str]:
@@ -367,6 +402,8 @@ def pipeline(
             if original is not None and nothing:
                 take_back(path, original, overrides, logger)
             raise
+        if repo is not None:
+            push_outputs(repo, logger)
     return results
 
 

@@ -15,7 +15,7 @@ import pytest
 from flows.server import healthy
 from tasks import STAGES
 from tasks.params import ConfigError
-from tests.conftest import dvc, free_port, one_line_error, sh, start, wait_for
+from tests.conftest import dvc, free_port, one_line_error, prefect_rest, sh, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -137,16 +137,8 @@ def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
 
 def flow_run_states(port: str) -> list[str]:
     """The state of each flow run on the local server, oldest first, read through its REST API."""
-    import json
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/flow_runs/filter",
-        data=json.dumps({"sort": "START_TIME_ASC"}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return [run["state_type"] for run in json.load(response)]
+    runs = prefect_rest(f"http://127.0.0.1:{port}/api", "flow_runs/filter", {"sort": "START_TIME_ASC"})
+    return [run["state_type"] for run in runs]
 
 
 def mlflow_runs(status: str | None = None) -> list:
@@ -287,15 +279,17 @@ def test_a_crashed_train_task_is_retried_by_prefect_and_resumes_in_the_same_run(
 def test_a_run_with_pull_takes_what_the_dvc_remote_has_and_runs_only_the_rest(
     prefect_api, project, tmp_path, monkeypatch
 ):
-    """A worker's fresh checkout: `pull` brings the data and outputs dvc.lock names; no step needs to run."""
+    """The flow pushes to the default remote; in a worker's fresh checkout, `pull` brings the data and outputs
+    dvc.lock names, and no step needs to run."""
     from flows.pipeline import pipeline
     from tasks import paths
     from tasks.errors import DataError
     from tasks.files import sha256_file
 
+    remote = tmp_path / "dvc-remote"  # the default remote, as the project's .dvc/config names it (see conftest)
+    assert not remote.exists()
     assert pipeline(return_state=True).is_completed()
-    dvc("remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=project)
-    dvc("push", cwd=project)
+    assert "Cache and remote 'storage' are in sync" in dvc("status", "--cloud", cwd=project).stdout
     sh("git", "add", "-A", cwd=project)
     sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "trained", cwd=project)
     fresh = tmp_path / "fresh"
@@ -335,20 +329,35 @@ def test_a_run_with_pull_takes_what_the_dvc_remote_has_and_runs_only_the_rest(
     # and those stages are left to run. A remote of a kind this install cannot read: one line, naming it.
     other = tmp_path / "other"
     sh("git", "clone", "-q", str(project), str(other), cwd=tmp_path)
-    dvc("remote", "modify", "store", "url", "http://127.0.0.1:1/store", cwd=other)
+    dvc("remote", "modify", "--local", "storage", "url", "http://127.0.0.1:1/store", cwd=other)
     with Repo(str(other)) as repo:
         pull_data(repo, logger)
     (warning,) = warned
     assert re.fullmatch(
-        r"pull: \d+ outputs are neither in the DVC cache nor on remote 'store' \(not pushed yet, or the remote "
+        r"pull: \d+ outputs are neither in the DVC cache nor on remote 'storage' \(not pushed yet, or the remote "
         r"cannot be reached\): data/prepared/\S+, .* \.\.\.; the stages that make them run",
         warning,
     ), warning
     assert "changed outs" in dvc("status", "prepare", cwd=other).stdout
-    dvc("remote", "modify", "store", "url", "ssh://127.0.0.1:1/store", cwd=other)
+    # A push after a successful run that the remote does not take fails nothing: one warning says so.
+    from flows.pipeline import push_outputs
+
+    (fresh / paths.BEST).unlink()
+    dvc("checkout", "--force", cwd=fresh)  # back to what dvc.lock names
+    dvc("remote", "modify", "--local", "storage", "url", "http://127.0.0.1:1/store", cwd=fresh)
+    with Repo(str(fresh)) as repo:
+        push_outputs(repo, logger)
+    assert re.fullmatch(
+        r"push: DVC remote 'storage' \(http://127.0.0.1:1/store\) did not take this run's outputs: .+; they are in "
+        r"the local cache: `dvc push` sends them once the remote is back",
+        warned[-1],
+    ), warned[-1]
+    dvc("remote", "modify", "--local", "storage", "url", "ssh://127.0.0.1:1/store", cwd=other)
     with Repo(str(other)) as repo, pytest.raises(DataError) as error:
         pull_data(repo, logger)
-    assert str(error.value).startswith("dvc pull from remote 'store' failed: ssh is supported, but requires 'dvc-ssh'")
+    assert str(error.value).startswith(
+        "dvc pull from remote 'storage' failed: ssh is supported, but requires 'dvc-ssh'"
+    )
 
 
 def test_a_tracking_store_away_for_a_moment_is_retried_in_evaluate(prefect_api, project, monkeypatch):
