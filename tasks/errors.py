@@ -14,6 +14,7 @@ line, `error: <message>`, and exits with its code; anything else is a bug and ke
     8     BusyError       another run is using this checkout (a `dvc repro`, another flow)
     9     OutputError     an output cannot be written (disk full, no permission)
     10    ServerError     the Prefect server cannot be reached or started
+    11    NotReproducedError  a reproduction differs from its run, or the run had uncommitted changes
     130   (Ctrl-C)        interrupted; the MLflow run is marked KILLED
     143   (SIGTERM)       terminated; the MLflow run is marked KILLED
 
@@ -63,3 +64,7 @@ class OutputError(PipelineError):
 
 class ServerError(PipelineError):
     exit_code = 10
+
+
+class NotReproducedError(PipelineError):
+    exit_code = 11

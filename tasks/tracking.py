@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.errors import TrackingError
+from tasks.errors import PipelineError, TrackingError
 from tasks.files import process_alive, process_id, sha256_file
 from tasks.paths import RUN_NOTE
 
@@ -102,7 +102,7 @@ def store() -> Iterator[None]:
     """Turn failures of the tracking store into one TrackingError naming the store."""
     try:
         yield
-    except TrackingError:
+    except PipelineError:  # already one line for the user (a TrackingError, or the caller's own)
         raise
     except Exception as exc:
         reason = _reason(exc)
@@ -171,10 +171,18 @@ def git_tags(params_path: Path, params_changed: bool) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     skip = [*PIPELINE_WRITES, str(params_path)]
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in skip))
+    changed = sorted(line.split(maxsplit=1)[-1] for line in (status or "").splitlines())  # "XY path"
     return {
         "mlflow.source.git.commit": commit or "unknown",
         "git.dirty": "unknown" if status is None else str(bool(status) or params_changed).lower(),
+        # the files (not params.yaml, whose values the run logs) that differ from the commit: what a
+        # reproduction from the commit cannot restore
+        "git.uncommitted": "unknown" if status is None else _clip(", ".join(changed)),
     }
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def process_tags() -> dict[str, str]:
@@ -420,7 +428,6 @@ def stage_run(run_id: str, stage: str) -> Iterator[None]:
     with that step's end time: after export in a full run, after evaluate when only evaluate was
     out of date. A failed step's message stays on the run (`pipeline.error`) until a step succeeds.
     """
-    from tasks.errors import PipelineError
 
     with store():
         run = client().get_run(run_id)

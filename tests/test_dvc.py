@@ -151,7 +151,7 @@ def test_one_mlflow_run_with_params_curves_metrics_lineage_and_model(repo):
     assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
     commit = sh("git", "rev-parse", "HEAD", cwd=path).stdout.strip()
     assert run.data.tags["mlflow.source.git.commit"] == commit
-    assert run.data.tags["git.dirty"] == "false"
+    assert run.data.tags["git.dirty"] == "false" and run.data.tags["git.uncommitted"] == ""
     assert run.data.tags["orchestrator"] == "dvc"
     artifacts = {a.path for folder in ("data", "params", "plots") for a in c.list_artifacts(run.info.run_id, folder)}
     assert {"data/manifest.json", "params/params.yaml", "plots/confusion.png", "plots/train.csv"} <= artifacts

@@ -55,6 +55,8 @@ def test_git_dirty_is_judged_on_the_values_not_the_yaml_layout(project):
     assert dirty() == "false"
     write_overrides(project / "params.yaml", ["train.lr=0.01"])
     assert dirty() == "true"
+    # the params are logged with the run: a reproduction restores them, so they are not "uncommitted"
+    assert run_tags(load(), StepContext())["git.uncommitted"] == ""
     write_overrides(project / "params.yaml", ["train.lr=0.003"])  # back to the committed value
     assert dirty() == "false"
     # The same values in another layout (as other tools rewrite it: no comments, other indents).
@@ -70,6 +72,7 @@ def test_git_dirty_is_judged_on_the_values_not_the_yaml_layout(project):
     # Any other tracked file that differs from the commit does make the run dirty.
     (project / "tasks/naming.py").write_text((project / "tasks/naming.py").read_text() + "\n# edited\n")
     assert dirty() == "true"
+    assert run_tags(load(), StepContext())["git.uncommitted"] == "tasks/naming.py"
 
 
 def test_telemetry_is_off_in_every_entry_point_without_the_scripts(tmp_path):
