@@ -106,7 +106,12 @@ def store() -> Iterator[None]:
         raise
     except Exception as exc:
         reason = _reason(exc)
-        hint = "make the file and its folder writable" if "readonly" in reason else "check the store"
+        if "readonly" in reason:
+            hint = "make the file and its folder writable"
+        elif "error code 401" in reason:
+            hint = "the server wants a user: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        else:
+            hint = "check the store"
         raise TrackingError(
             f"MLflow store {tracking_uri()}: {reason}; {hint}, or point MLFLOW_TRACKING_URI at another store"
         ) from None

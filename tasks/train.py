@@ -49,7 +49,7 @@ from tasks.core import checkpoint, distributed
 from tasks.core.data import EpochSampler, augmentation, loader
 from tasks.core.loops import EpochState, Recipe, build_schedule, train_one_epoch, validate
 from tasks.core.models import build_loss, build_optimizer
-from tasks.errors import PipelineError, TrainingError
+from tasks.errors import PipelineError, TrackingError, TrainingError
 from tasks.files import json_text, require, save_torch, sha256_file, staged
 from tasks.params import Params
 
@@ -392,6 +392,7 @@ class Run:
         self.logged = logged or set()  # epochs the run has already: a resume from an older checkpoint redoes them
         self.pending: list = []
         self.rows: list[tuple[int, int, dict[str, float]]] = []  # not sent yet
+        self.handed: dict[int, tuple[int, dict[str, float]]] = {}  # every row sent, in case the store lost some
         self.sent = -math.inf
 
     def log_epoch(self, row: dict[str, float], epoch: int) -> None:
@@ -405,13 +406,26 @@ class Run:
         rows, self.rows = self.rows, []
         if rows:
             self.pending += tracking.log_steps(self.id, rows, synchronous=False)
+            self.handed.update({epoch: (ms, row) for epoch, ms, row in rows})
             self.sent = time.monotonic()
 
     def flush(self) -> None:
-        """Store every metric logged so far; a failure to store one is a TrackingError here."""
+        """Store every metric logged so far; a failure to store one is a TrackingError here.
+
+        A tracking server away during training does not stop it: MLflow's queue retries each call for
+        about 4 minutes. Longer, and those calls fail; their rows are still here, and the epochs the
+        run lacks are sent again now (with MLflow's retries once more).
+        """
         self.send()
         pending, self.pending = self.pending, []
-        tracking.wait(pending)
+        try:
+            tracking.wait(pending)
+        except TrackingError as exc:
+            logged = tracking.logged_steps(self.id, "train/loss")
+            missing = sorted(epoch for epoch in self.handed if epoch not in logged)
+            if missing:
+                print(f"train: {len(missing)} epochs' metrics did not reach the store ({exc}); sending them again")
+            tracking.log_steps(self.id, [(epoch, *self.handed[epoch]) for epoch in missing])
 
 
 def latest_checkpoint(key: str, used: dict) -> tuple[dict, Path] | None:
