@@ -12,7 +12,8 @@ the deployment's, in a fresh clone after `scripts/deploy.sh`, a worker, `scripts
 train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges); the sweep's, after
 `bash scripts/sweep.sh sweeps/lr.yaml` into an empty MLflow store (`--pages sweep`); the registry's,
 after three committed runs of `dvc repro` (3, 10 and 2 epochs: champion, champion, challenger;
-`--pages registry`).
+`--pages registry`); the reproduction's, after `python -m tasks.reproduce RUN_ID` of the last
+pipeline run (`--pages reproduction`).
 
 Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
 `websockets` package that Prefect already brings: each page is opened in a fresh profile, given
@@ -277,6 +278,25 @@ def registry_pages(mlflow: str, out: Path) -> None:
         browser.close()
 
 
+def reproduction_page(mlflow: str, out: Path) -> None:
+    """The latest reproduction's run page: its name, note and `reproduction.*` tags beside the first run's."""
+    from tasks import tracking
+
+    c = tracking.client()
+    experiment = c.get_experiment_by_name(tracking.experiment_name()).experiment_id
+    (run,) = c.search_runs([experiment], "tags.`reproduction.of` != ''", order_by=["attributes.start_time DESC"],
+                           max_results=1)  # fmt: skip
+    browser = Browser(1600, 1200)
+    try:
+        page = f"{mlflow}/#/experiments/{experiment}/runs/{run.info.run_id}?{tracking.UI_MODE}"
+        browser.open(page, until="(reproduction)", settle=4)
+        browser.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        time.sleep(1)
+        browser.shot(out / "mlflow-reproduction.png")
+    finally:
+        browser.close()
+
+
 def plots_page(page: Path, out: Path) -> None:
     browser = Browser(1400, 1700, offline=True)
     try:
@@ -293,6 +313,7 @@ PAGES = {
     "deployment": deployment_pages,
     "sweep": sweep_pages,
     "registry": registry_pages,
+    "reproduction": reproduction_page,
     "plots": plots_page,
 }
 
@@ -309,7 +330,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.pages:
         mlflow, prefect = args.mlflow.rstrip("/"), args.prefect.rstrip("/")
-        sources = {"mlflow": mlflow, "registry": mlflow, "plots": args.plots, "sweep": (mlflow, prefect)}
+        sources = {"mlflow": mlflow, "registry": mlflow, "reproduction": mlflow, "plots": args.plots,
+                   "sweep": (mlflow, prefect)}  # fmt: skip
         source = sources.get(name, prefect)
         PAGES[name](source, args.out)
 

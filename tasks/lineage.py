@@ -28,21 +28,10 @@ from tasks.errors import InputError
 
 def lineage(run_id: str) -> dict[str, Any]:
     """What the store and DVC's cache know of the run."""
-    from mlflow.exceptions import MlflowException
-
     from tasks import tracking
 
-    tracking.check_store(must_exist=True)
+    run = tracking.get_run(run_id)
     c = tracking.client()
-    with tracking.store():
-        try:
-            run = c.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            run = None
-    if run is None:
-        raise InputError(f"no MLflow run {run_id} in {tracking.tracking_uri()}; the run page's URL shows its id")
     with tracking.store():
         versions = c.search_model_versions(f"run_id = '{run_id}'")
         aliases = {}

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.cli import user_errors
+from tasks.cli import stop_on_sigterm, user_errors
 from tasks.errors import InputError, NotReproducedError, PipelineError
 
 RUN_NOTE = "models/train/run.json"  # where the worktree's train step notes its MLflow run (tasks.paths.RUN_NOTE)
@@ -72,22 +73,11 @@ def absolute_uri(uri: str) -> str:
 
 def the_run(run_id: str) -> tuple[Any, str]:
     """The run, and its experiment's name."""
-    from mlflow.exceptions import MlflowException
-
     from tasks import tracking
 
-    tracking.check_store(must_exist=True)
-    c = tracking.client()
+    run = tracking.get_run(run_id)
     with tracking.store():
-        try:
-            run = c.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise InputError(
-                f"no MLflow run {run_id} in {tracking.tracking_uri()}; the run page's URL shows its id"
-            ) from None
-        return run, c.get_experiment(run.info.experiment_id).name
+        return run, tracking.client().get_experiment(run.info.experiment_id).name
 
 
 def artifact_text(run_id: str, path: str, why: str) -> str:
@@ -178,9 +168,20 @@ def run_pipeline(dest: Path, uri: str, experiment: str) -> None:
     """Every stage up to export, in the worktree, logging to the same store and experiment."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
     print(f"reproduce: dvc repro --force {' '.join(TARGETS)} in {dest}", flush=True)
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", *TARGETS], cwd=dest, env=env)
-    if done.returncode != 0:
-        raise PipelineError(f"the reproduction's `dvc repro` failed (exit {done.returncode}); see its output above")
+    # In a session of its own, so that a Ctrl-C or SIGTERM here reaches every process of it, once.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--force", *TARGETS], cwd=dest, env=env, start_new_session=True
+    )
+    try:
+        code = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the step marks its MLflow run KILLED
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        raise
+    if code != 0:
+        raise PipelineError(f"the reproduction's `dvc repro` failed (exit {code}); see its output above")
 
 
 def compare(first: Any, second: Any, old_lock: str, new_lock: str) -> list[Check]:
@@ -261,6 +262,8 @@ def reproduce(run_id: str, keep: Path | None) -> tuple[list[Check], str | None, 
     from tasks import tracking
 
     first, experiment = the_run(run_id)
+    if original := first.data.tags.get("reproduction.of"):
+        raise InputError(f"run {run_id} is itself a reproduction, of run {original}: reproduce that one")
     dirty = dirty_reason(first.data.tags)
     commit = first.data.tags.get("mlflow.source.git.commit", "unknown")
     print(f"reproduce: run {run_id} '{first.info.run_name}', commit {commit[:12]}", flush=True)
@@ -268,15 +271,21 @@ def reproduce(run_id: str, keep: Path | None) -> tuple[list[Check], str | None, 
         print(f"reproduce: not exactly reproducible: {dirty}; the commit runs as committed", flush=True)
     if keep is not None and keep.exists() and any(keep.iterdir()):
         raise InputError(f"--keep {keep}: the folder is not empty; name a new or empty one")
+    if keep is not None and keep.resolve().is_relative_to(Path.cwd().resolve()):
+        raise InputError(f"--keep {keep}: the folder is inside this checkout; name one outside it")
     dest = keep.resolve() if keep is not None else Path(tempfile.mkdtemp(prefix=f"reproduce-{run_id[:8]}-"))
     if keep is None:
         dest.rmdir()  # git worktree add makes it
-    failed = True
+    look = False  # whether a failure leaves something in the worktree worth a look
     try:
         prepare_worktree(first, dest)
         if pulled := pull_inputs(dest):
             print(f"reproduce: data restored: {', '.join(pulled)}", flush=True)
-        run_pipeline(dest, absolute_uri(tracking.tracking_uri()), experiment)
+        try:
+            run_pipeline(dest, absolute_uri(tracking.tracking_uri()), experiment)
+        except PipelineError:
+            look = True
+            raise
         second_id = json.loads((dest / RUN_NOTE).read_text())["run_id"]
         second, _ = the_run(second_id)
         checks = compare(first, second, artifact_text(run_id, "lineage/dvc.lock", ""), (dest / "dvc.lock").read_text())
@@ -288,17 +297,17 @@ def reproduce(run_id: str, keep: Path | None) -> tuple[list[Check], str | None, 
                 "reproduction.of": run_id,
                 "reproduction.result": result,
                 "mlflow.runName": f"{first.info.run_name} (reproduction)",
-                "mlflow.note.content": f"A reproduction of run {run_id} ({first.info.run_name}) at commit "
-                f"{commit[:12]}: {result}.",
+                # a link within the UI (the description is Markdown)
+                "mlflow.note.content": f"A reproduction of run [{run_id}](#/experiments/{first.info.experiment_id}"
+                f"/runs/{run_id}) ({first.info.run_name}) at commit {commit[:12]}: {result}.",
             },
         )
-        failed = False
         return checks, dirty, second_id
     finally:
-        if keep is None and not failed:
-            _git("worktree", "remove", "--force", str(dest))
-        elif keep is None:  # kept to look into; `git worktree remove` removes it
+        if keep is None and look:  # a stage failed there: its files, to look into
             print(f"reproduce: the worktree is kept at {dest} (`git worktree remove --force {dest}`)", flush=True)
+        elif keep is None and dest.exists():
+            _git("worktree", "remove", "--force", str(dest))
 
 
 def show(checks: list[Check], dirty: str | None, run_id: str, second_id: str) -> str:
@@ -323,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_id", help="the MLflow run id (the run page's URL and `python -m tasks.lineage` show it)")
     p.add_argument("--keep", type=Path, metavar="DIR", help="make the worktree in DIR and keep it (default: removed)")
     args = p.parse_args(argv)
+    stop_on_sigterm()
     with user_errors("reproduce: "):
         if _git("rev-parse", "--show-toplevel").returncode != 0 or not Path("dvc.yaml").is_file():
             raise InputError(f"{Path.cwd()} is not the project's git checkout: run this from the project's root")

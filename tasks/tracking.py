@@ -142,6 +142,22 @@ def check_store(must_exist: bool) -> None:
             ) from None
 
 
+def get_run(run_id: str) -> Any:
+    """A run of the store, by id; one InputError line when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.errors import InputError
+
+    check_store(must_exist=True)
+    with store():
+        try:
+            return client().get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    raise InputError(f"no MLflow run {run_id} in {tracking_uri()}; the run page's URL shows its id")
+
+
 def client() -> MlflowClient:
     with store():
         return _client(tracking_uri())

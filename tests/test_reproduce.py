@@ -6,13 +6,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import dvc, make_project, sh
+from tests.conftest import dvc, make_project, sh, start, wait_for
 from tests.images import image_folder
 
 PHOTOS = "data/raw/photos"
@@ -83,6 +85,20 @@ def test_a_run_is_reproduced_in_a_fresh_clone_with_its_data_from_the_remote_and_
     assert len(sh("git", "worktree", "list", cwd=fresh).stdout.splitlines()) == 1
     assert sh("git", "status", "--porcelain", cwd=fresh).stdout == ""
 
+    # Terminated in train: exit 143, no MLflow run left RUNNING, no worktree and no process left.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    proc = start("-m", "tasks.reproduce", first, cwd=fresh, env=env, session=True)
+    said = "".join(wait_for(proc, "Running stage 'train'"))
+    worktree = said.split("dvc repro --force evaluate export in ")[1].split()[0]
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("error: reproduce: terminated (SIGTERM)")
+    assert len(sh("git", "worktree", "list", cwd=fresh).stdout.splitlines()) == 1
+    assert not Path(worktree).exists() and sh("pgrep", "-f", worktree, cwd=tmp_path, check=False).stdout == ""
+    assert c.search_runs([original.info.experiment_id], "attributes.status = 'RUNNING'") == []  # none left open
+
     # The photos changed in the checkout without `dvc add`: the commit does not hold what the next run
     # trained on. Its reproduction restores the committed photos, and says what differs.
     image = sorted((project / PHOTOS / "2").iterdir())[0]
@@ -106,6 +122,11 @@ def test_a_run_is_reproduced_in_a_fresh_clone_with_its_data_from_the_remote_and_
     )
     copy = c.search_runs([copy.info.experiment_id], f"tags.`reproduction.of` = '{second}'")[0]
     assert copy.data.tags["reproduction.result"] == "differs"
+    # A reproduction is no run of record: one line points at the run it reproduced.
+    again = reproduce(copy.info.run_id, fresh, store)
+    assert again.returncode == 4 and again.stderr.strip() == (
+        f"error: reproduce: run {copy.info.run_id} is itself a reproduction, of run {second}: reproduce that one"
+    )
 
 
 def test_a_run_with_uncommitted_changes_is_not_exactly_reproducible():
@@ -124,6 +145,7 @@ def test_a_run_with_uncommitted_changes_is_not_exactly_reproducible():
     assert "result: identical to the run, but not exactly reproducible: it was made with uncommitted changes" in out
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_be_reproduced_says_why_in_one_line(trained, tmp_path):
     """A run id the store lacks, and a commit the clone lacks: one line each, exit 4, no worktree left."""
     store = os.environ["MLFLOW_TRACKING_URI"]
@@ -143,3 +165,9 @@ def test_a_run_that_cannot_be_reproduced_says_why_in_one_line(trained, tmp_path)
         "branch it is on (or push it from where the run was made), then run again"
     )
     assert len(sh("git", "worktree", "list", cwd=trained).stdout.splitlines()) == 1
+    inside = sh(sys.executable, "-m", "tasks.reproduce", run.info.run_id, "--keep", "repro", cwd=trained, check=False)
+    assert inside.returncode == 4
+    assert (
+        inside.stderr.strip()
+        == "error: reproduce: --keep repro: the folder is inside this checkout; name one outside it"
+    )
