@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,11 @@ def run_pipeline(dest: Path, uri: str, experiment: str) -> None:
             os.killpg(proc.pid, signal.SIGTERM)  # the step marks its MLflow run KILLED
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # and the stage's own process, which outlives dvc by a moment
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
         raise
     if code != 0:
         raise PipelineError(f"the reproduction's `dvc repro` failed (exit {code}); see its output above")
