@@ -115,6 +115,19 @@ def suspect(params: Params, first_loss: float, last_loss: float, n_classes: int)
     return "the model fits the train split but not val: check the data and its labels (stage 'prepare')"
 
 
+def train_code() -> list[Path]:
+    """The code files dvc.yaml lists as train's dependencies: those it imports (tests/test_stages.py checks).
+
+    Exactly what DVC judges train's staleness by: a change to any other module (a later step, a
+    command) leaves both the checkpoints and their names, which dvc.lock records, as they were.
+    """
+    from tasks.params import _yaml
+
+    root = Path(__file__).resolve().parents[1]
+    deps = (_yaml().load((root / "dvc.yaml").read_text()) or {})["stages"]["train"]["deps"]
+    return sorted(root / dep for dep in deps if str(dep).endswith(".py"))
+
+
 def resume_key(params: Params, data_sha256: str, init_sha256: str, device: str, processes: int) -> tuple[str, dict]:
     """What a checkpoint must match to be resumed: the params that change weights, the data, the start, the code.
 
@@ -124,10 +137,10 @@ def resume_key(params: Params, data_sha256: str, init_sha256: str, device: str, 
     for free in [k for k in values if k.startswith(FREE_PARAMS)]:
         del values[free]
     code = hashlib.sha256()
-    for file in sorted(Path(__file__).parent.rglob("*.py")):
+    for file in train_code():
         code.update(file.read_bytes())
     values.update({"data.sha256": data_sha256, "init.sha256": init_sha256, "device": device, "processes": processes})
-    values["code.sha256"] = code.hexdigest()  # any change under tasks/: new code, new training
+    values["code.sha256"] = code.hexdigest()  # a change to train's code: new code, new training
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest(), values
 
@@ -138,7 +151,7 @@ def why_fresh(old: dict, new: dict) -> str:
     names = {
         "data.sha256": "the prepared data",
         "init.sha256": "the initial weights (models/build/init.pt)",
-        "code.sha256": "the code under tasks/",
+        "code.sha256": "the code of train (its modules in dvc.yaml)",
     }
     out = [names.get(c.split(" ")[0], c) for c in changed]
     return ", ".join(out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")

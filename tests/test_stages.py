@@ -103,3 +103,13 @@ def test_stage_outputs_are_the_paths_the_code_writes():
         for kind in ("outs", "metrics", "plots"):
             declared += [next(iter(o)) if isinstance(o, dict) else o for o in spec.get(kind, [])]
         assert sorted(declared) == sorted(str(p) for p in paths.OUTPUTS[stage]), stage
+
+
+def test_the_checkpoints_resume_key_covers_train_s_code_and_nothing_else():
+    """The code hash in a checkpoint's name moves with what DVC re-runs train for, no more: else a commit
+    that only touches another module would make a fresh clone's checkpoint names differ from dvc.lock's."""
+    from tasks.train import train_code
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert [str(p.relative_to(ROOT)) for p in train_code()] == sorted(d for d in deps if d.endswith(".py"))
+    assert ROOT / "tasks/train.py" in train_code() and ROOT / "tasks/reproduce.py" not in train_code()
