@@ -212,14 +212,16 @@ def prefect_rest(url: str, path: str, body: dict | None = None):
     )  # fmt: skip
     # Prefect's server answers 503 while its SQLite database is busy (two workers and the scheduler
     # writing at once), and Prefect's own client retries it: so does this one.
-    for attempt in range(6):
+    # On a loaded machine the database can stay busy for tens of seconds: up to about a minute here.
+    attempts = 10
+    for attempt in range(attempts):
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.load(response)
         except urllib.error.HTTPError as error:
-            if error.code != 503 or attempt == 5:
+            if error.code != 503 or attempt == attempts - 1:
                 raise
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(min(0.5 * 2**attempt, 8))
 
 
 @pytest.fixture(scope="session")
