@@ -221,7 +221,10 @@ def prefect_rest(url: str, path: str, body: dict | None = None):
         except urllib.error.HTTPError as error:
             if error.code != 503 or attempt == attempts - 1:
                 raise
-            time.sleep(min(0.5 * 2**attempt, 8))
+        except (ConnectionError, urllib.error.URLError):  # reset by the busy server: again, if only a read
+            if attempt == attempts - 1 or not (body is None or path.endswith("/filter")):
+                raise
+        time.sleep(min(0.5 * 2**attempt, 8))
 
 
 @pytest.fixture(scope="session")
