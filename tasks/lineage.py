@@ -68,20 +68,30 @@ def lineage(run_id: str) -> dict[str, Any]:
     }
 
 
+def lock_hashes(text: str) -> dict[str, dict[str, str]]:
+    """{stage: {"deps:<path>" or "outs:<path>": md5}} from a dvc.lock's text."""
+    from tasks.params import _yaml
+
+    stages = (_yaml().load(text) or {}).get("stages", {})
+    return {
+        stage: {f"{kind}:{e['path']}": e.get("md5", "") for kind in ("deps", "outs") for e in body.get(kind, [])}
+        for stage, body in stages.items()
+    }
+
+
 def _locked_outputs(c: Any, run_id: str) -> dict[str, str]:
     """{path: md5} of every output in the dvc.lock the promote step logged (`lineage/dvc.lock`); {} without one."""
     import tempfile
 
     from tasks import tracking
-    from tasks.params import _yaml
 
     with tracking.store(), tempfile.TemporaryDirectory() as tmp:
         if not any(a.path == "lineage/dvc.lock" for a in c.list_artifacts(run_id, "lineage")):
             return {}
         text = Path(c.download_artifacts(run_id, "lineage/dvc.lock", tmp)).read_text()
     try:
-        stages = (_yaml().load(text) or {}).get("stages", {})
-        return {o["path"]: o.get("md5", "") for stage in stages.values() for o in stage.get("outs", [])}
+        stages = lock_hashes(text).values()
+        return {key[5:]: md5 for stage in stages for key, md5 in stage.items() if key.startswith("outs:")}
     except Exception as exc:  # a changed artifact: say so, in one line
         raise InputError(f"the run's lineage/dvc.lock cannot be read ({type(exc).__name__}: {exc})") from None
 

@@ -92,17 +92,6 @@ def artifact_text(run_id: str, path: str, why: str) -> str:
         return Path(c.download_artifacts(run_id, path, tmp)).read_text()
 
 
-def lock_hashes(text: str) -> dict[str, dict[str, str]]:
-    """{stage: {"deps:<path>" or "outs:<path>": md5}} from a dvc.lock's text."""
-    from tasks.params import _yaml
-
-    stages = (_yaml().load(text) or {}).get("stages", {})
-    return {
-        stage: {f"{kind}:{e['path']}": e.get("md5", "") for kind in ("deps", "outs") for e in body.get(kind, [])}
-        for stage, body in stages.items()
-    }
-
-
 def dirty_reason(tags: dict[str, str]) -> str | None:
     """Why the commit is not exactly what ran, or None when it is."""
     uncommitted = tags.get("git.uncommitted")
@@ -113,8 +102,9 @@ def dirty_reason(tags: dict[str, str]) -> str | None:
     return None
 
 
-def prepare_worktree(run: Any, dest: Path) -> None:
-    """A worktree at the run's commit in `dest`, with its params and dvc.lock, sharing this checkout's DVC cache."""
+def prepare_worktree(run: Any, dest: Path) -> str:
+    """A worktree at the run's commit in `dest`, with its params and dvc.lock, sharing this checkout's DVC cache;
+    returns the run's dvc.lock."""
     from tasks.lineage import _cache
 
     run_id = run.info.run_id
@@ -148,6 +138,7 @@ def prepare_worktree(run: Any, dest: Path) -> None:
         done = _dvc(*step, cwd=dest)
         if done.returncode != 0:
             raise InputError(f"dvc {' '.join(step)} in {dest} failed: {done.stderr.strip()}")
+    return lock
 
 
 def pull_inputs(dest: Path) -> list[str]:
@@ -192,6 +183,8 @@ def run_pipeline(dest: Path, uri: str, experiment: str) -> None:
 
 def compare(first: Any, second: Any, old_lock: str, new_lock: str) -> list[Check]:
     """The first run against its reproduction: params, data, stages' dependencies, metrics, weights, outputs."""
+    from tasks.lineage import lock_hashes
+
     checks = []
     a, b = first.data.tags, second.data.tags
     key = "lineage.params_sha256"
@@ -284,7 +277,7 @@ def reproduce(run_id: str, keep: Path | None) -> tuple[list[Check], str | None, 
         dest.rmdir()  # git worktree add makes it
     look = False  # whether a failure leaves something in the worktree worth a look
     try:
-        prepare_worktree(first, dest)
+        lock = prepare_worktree(first, dest)
         if pulled := pull_inputs(dest):
             print(f"reproduce: data restored: {', '.join(pulled)}", flush=True)
         try:
@@ -294,7 +287,7 @@ def reproduce(run_id: str, keep: Path | None) -> tuple[list[Check], str | None, 
             raise
         second_id = json.loads((dest / RUN_NOTE).read_text())["run_id"]
         second, _ = the_run(second_id)
-        checks = compare(first, second, artifact_text(run_id, "lineage/dvc.lock", ""), (dest / "dvc.lock").read_text())
+        checks = compare(first, second, lock, (dest / "dvc.lock").read_text())
         same = all(c.same for c in checks)
         result = "identical" if same and not dirty else "differs" if not same else "not exactly reproducible"
         tracking.set_tags(
