@@ -6,7 +6,8 @@ Each file is loaded back in a fresh Python process that has only torch (`python 
 the file system root, so the project's model code cannot be imported) and must reproduce the
 eager model's outputs on the test split within `export.atol`, or the stage fails and nothing is
 logged or replaced. `models/export/model.json` tells a user how to apply the model to raw input
-(class names, input shape and dtype; the normalisation is inside the model).
+(class names, input shape and dtype, how an image file becomes that input; the normalisation is
+inside the model): `python -m serve.predict` and `python -m serve.http` need nothing else.
 
 The files' bytes depend only on the weights and the code: the source paths that TorchScript and
 `torch.export` record are made relative to the project or to site-packages, and TorchScript's
@@ -295,6 +296,13 @@ def _export(params: Params, model: torch.nn.Module, run_id: str) -> dict:
                 "layout": "raw pixel values, NCHW; do not normalise: the model's first layer does",
             },
             "normalisation": manifest["normalisation"],
+            # How to turn an image file into that input, as prepare did: serve/ applies it.
+            "preprocess": {
+                **manifest["preprocess"],
+                "steps": "decode with Pillow, turn upright by EXIF, convert to channels (1: grey, 3: RGB), resize "
+                "to size x size by the resize policy (crop: shorter side, centre cut; pad: longer side, black "
+                "borders; stretch), antialiased; then 8-bit values p become round(p * max_value / 255)",
+            },
             "output": "logits, one per class; argmax gives the index into classes",
             "files": {
                 "state_dict": {"path": STATE.name, "load": "torch.load(path, weights_only=True)"},

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve import preprocess
 from tasks import BY_HAND, StepContext, paths
 from tasks.core import sources
 from tasks.core.data import channel_stats, rows_per_chunk, stratified_split
@@ -79,7 +80,7 @@ def load(cfg, scratch: Path) -> dict:
         arrays = sources.mnist(root, cfg.dataset == "fashion_mnist", cfg.download)
 
     channels = cfg.channels or arrays.images.shape[1]
-    fitted = sources.fit(torch.from_numpy(arrays.images), channels, cfg.image_size, cfg.resize).numpy()
+    fitted = preprocess.fit(torch.from_numpy(arrays.images), channels, cfg.image_size, cfg.resize).numpy()
     n = len(arrays.labels)
     h, w = arrays.images.shape[2:]
     return {
@@ -207,6 +208,14 @@ def assemble(cfg, seed: int, data: dict) -> tuple[dict, dict, dict[str, np.ndarr
             "mean": [round(m, 8) for m in mean],
             "std": [round(s, 8) for s in std],
             "note": "x = (pixels * scale - mean) / std, per channel; the model does this itself",
+        },
+        # How an image file becomes these pixels (serve.preprocess.decode): the export hands it to serving.
+        "preprocess": {
+            "channels": shape[0],
+            "size": shape[1],
+            "resize": cfg.resize,
+            "max_value": data["max_value"],
+            "max_image_pixels": cfg.max_image_pixels,
         },
         "seed": seed,
         "counts": {

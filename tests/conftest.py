@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
     "tasks",
     "flows",
+    "serve",
     "data/raw/README.md",
     "dvc.yaml",
     "params.yaml",

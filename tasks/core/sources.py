@@ -8,18 +8,16 @@ Three kinds of source:
 - `imagefolder`: torchvision's `ImageFolder` layout, `<root>/<class>/<image>`, or the same under
   `<root>/train`, `<root>/val` and `<root>/test` for splits made by the user.
 
-Images are decoded with Pillow (any format it reads), turned upright by their EXIF orientation,
-converted to grey or RGB (palette, RGBA, 16-bit, CMYK and greyscale included) and resized with
-torchvision's antialiased resize on uint8 tensors. A file that cannot be used gets a reason,
-never an exception: the caller decides whether that stops the run or leaves the file out.
+Images are decoded by `serve.preprocess` (Pillow, EXIF orientation, grey or RGB, torchvision's
+antialiased resize), the code that the prediction command and the model server use on the images
+they are asked about, so an image gets the same pixels in training and in use. A file that cannot
+be used gets a reason, never an exception: the caller decides whether that stops the run or
+leaves the file out.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,19 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve import preprocess
+from serve.preprocess import Decoded
 from tasks.errors import DataError
 
 SPLITS = ("train", "val", "test")
 IGNORED = {"Thumbs.db", "desktop.ini", "__MACOSX"}  # besides hidden files (".DS_Store", "._photo.jpg")
-SIGNATURES = {  # how image files begin: to tell a damaged image from a file that is no image at all
-    b"\x89PNG": "PNG",
-    b"\xff\xd8": "JPEG",
-    b"GIF8": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"RIFF": "WebP",
-}
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -208,117 +199,13 @@ def scan_folder(root: Path) -> Folder:
     return found
 
 
-@dataclass
-class Decoded:
-    """One file's result: the image, or the reason it cannot be used."""
-
-    image: np.ndarray | None
-    width: int = 0
-    height: int = 0
-    sha256: str = ""
-    reason: str = ""
-
-
-def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> torch.Tensor:
-    """A uint8 (C, H, W) or (N, C, H, W) tensor with `channels` channels and `size` x `size` pixels.
-
-    `crop` resizes the shorter side to `size` and cuts the middle; `pad` resizes the longer side
-    and pads with black; `stretch` resizes each side on its own, ignoring the aspect ratio.
-    """
-    from torchvision.transforms.v2 import functional as F
-
-    if image.shape[-3] != channels:
-        image = F.rgb_to_grayscale(image) if channels == 1 else image.expand(*image.shape[:-3], 3, -1, -1)
-    h, w = image.shape[-2:]
-    if size is None or (h == size and w == size):
-        return image.contiguous()
-    if policy == "stretch":
-        return F.resize(image, [size, size], antialias=True)
-    if policy == "crop":  # the central square first: resizing a 1x40000 strip first would make it huge
-        side = min(h, w)
-        return F.resized_crop(image, (h - side) // 2, (w - side) // 2, side, side, [size, size], antialias=True)
-    scale = size / max(h, w)
-    resized = F.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
-    return F.center_crop(resized, [size, size])  # pads with zeros around the smaller image
-
-
-def _to_mode(img, channels: int):
-    """A Pillow image in L or RGB: 16-bit scaled (not clipped) to 8 bits, transparency dropped as torchvision does."""
-    from PIL import Image
-
-    # One rule per mode, never per image: two files of one data set must not get different scales.
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey (older Pillow opens it as "I")
-        wide = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":  # floating-point grey, taken as 0..1 (the usual convention of float images)
-        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64) * 255), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # what Pillow asks for, instead of a warning
-    return img.convert("L" if channels == 1 else "RGB")
-
-
 def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixels: int) -> Decoded:
-    """Read, check and decode one file; every way it can fail becomes a reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    path = root / rel
+    """Read, check and decode one file (`serve.preprocess.decode`, which serving uses too)."""
     try:
-        data = path.read_bytes()
+        data = (root / rel).read_bytes()
     except OSError as exc:
         return Decoded(None, reason=f"cannot read it ({exc.strerror or exc})")
-    if not data:
-        return Decoded(None, reason="empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice this, before decoding; we refuse at once
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette notes: handled below
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise Image.DecompressionBombError("")
-                img.load()
-                try:
-                    upright = ImageOps.exif_transpose(img)
-                except Exception:  # damaged EXIF data: the pixels are fine, keep them as stored
-                    upright = img
-                width, height = upright.size
-                image = fit(pil_to_tensor(_to_mode(upright, channels)), channels, size, policy).numpy()
-    except Image.DecompressionBombError:
-        w, h = _header_size(data)
-        return Decoded(
-            None,
-            reason=f"{w}x{h} pixels, over prepare.max_image_pixels ({max_pixels:,}): a decompression bomb, "
-            "or an image to shrink first",
-        )
-    except UnidentifiedImageError:
-        kind = next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
-        if kind:
-            return Decoded(None, reason=f"corrupt: it starts as a {kind} file, but Pillow cannot read it")
-        return Decoded(None, reason="not an image (Pillow cannot identify it)")
-    except MemoryError:
-        return Decoded(None, reason="too large to decode in the memory available")
-    except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return Decoded(None, reason=f"truncated or corrupt ({first[:120]})")
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return Decoded(image, width, height, digest)
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    from PIL import Image
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception:
-        return (0, 0)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    return preprocess.decode(data, channels, size, policy, max_pixels, "prepare.max_image_pixels")
 
 
 def _decode_many(args: tuple) -> list[Decoded]:
