@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import create_database, dvc, free_port, query, sh
 from tests.conftest import prefect_rest as api
@@ -59,7 +60,7 @@ def deployed(project: Path, home: Path, workers: int = 1, env: dict | None = Non
     try:
         done = sh("bash", "scripts/deploy.sh", cwd=project, env=env)
         assert "pipeline/retrain" in done.stdout + done.stderr
-        (deployment,) = api(url, "deployments/filter", {})
+        (deployment,) = [d for d in api(url, "deployments/filter", {}) if d["name"] == "retrain"]
         for n in range(workers):
             started.append(
                 subprocess.Popen(
@@ -135,6 +136,21 @@ def test_a_deployment_retrains_through_a_worker_one_run_at_a_time(project, tmp_p
             "prepare": "COMPLETED", "build": "COMPLETED", "train": "FAILED"
         }  # fmt: skip
         assert outputs(project) == before
+
+        # The scoring deployment, its nightly schedule off until switched on, run by the same worker
+        # on the model the retrains exported.
+        (scoring,) = [d for d in api(url, "deployments/filter", {}) if d["name"] == "score"]
+        assert [(s["schedule"]["cron"], s["active"]) for s in scoring["schedules"]] == [("0 4 * * *", False)]
+        incoming = project / "data/incoming"
+        incoming.mkdir()
+        for n, value in enumerate((0, 128, 255)):
+            Image.new("L", (20, 20), value).save(incoming / f"{n}.png")
+        (incoming / "notes.txt").write_text("not an image")
+        run_id = api(url, f"deployments/{scoring['id']}/create_flow_run", {})["id"]
+        assert wait_for_runs(url, [run_id])[run_id]["state_type"] == "COMPLETED"
+        scored = (project / "predictions/incoming.csv").read_text().splitlines()
+        assert scored[0] == "file,class,probability,error" and len(scored) == 5
+        assert scored[-1].endswith(",,,not an image (Pillow cannot identify it)")
     trained_as_the_runs_say(project, runs)
 
 
