@@ -13,7 +13,8 @@ train.epochs=20` and `scripts/retrain.sh train.lr=10` (which diverges); the swee
 `bash scripts/sweep.sh sweeps/lr.yaml` into an empty MLflow store (`--pages sweep`); the registry's,
 after three committed runs of `dvc repro` (3, 10 and 2 epochs: champion, champion, challenger;
 `--pages registry`); the reproduction's, after `python -m tasks.reproduce RUN_ID` of the last
-pipeline run (`--pages reproduction`).
+pipeline run (`--pages reproduction`); the scoring run's, after `python -m flows.score` on the test
+images written as PNG files and one file that is not an image (`--pages score`).
 
 Headless Chromium (`apt-get install chromium`) is driven through its DevTools protocol, with the
 `websockets` package that Prefect already brings: each page is opened in a fresh profile, given
@@ -257,6 +258,27 @@ def sweep_pages(urls: tuple[str, str], out: Path) -> None:
         browser.close()
 
 
+def score_pages(prefect: str, out: Path) -> None:
+    """The latest batch-scoring run: its tasks, and its `score-summary` artifact (counts, timings, failed files)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["score"])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
+    browser = Browser(1600, 1000)
+    try:
+        browser.open(f"{prefect}/runs/flow-run/{latest.id}", until="files scored", settle=4)
+        browser.shot(out / "prefect-score-run.png")
+        browser.click_text("Artifacts", until="score-summary")
+        browser.click_text("score-summary", until="could not be scored")
+        browser.shot(out / "prefect-score-summary.png")
+    finally:
+        browser.close()
+
+
 def registry_pages(mlflow: str, out: Path) -> None:
     """The registered model's versions and aliases, and the champion's run page (its data sets and registry)."""
     from tasks import tracking
@@ -313,6 +335,7 @@ PAGES = {
     "deployment": deployment_pages,
     "sweep": sweep_pages,
     "registry": registry_pages,
+    "score": score_pages,
     "reproduction": reproduction_page,
     "plots": plots_page,
 }
