@@ -10,7 +10,8 @@ Each client sends one request at a time (`POST /predict`, `--images` test images
 field `images`) and the next as soon as its answer arrives; the run stops after `--requests`
 requests or `--seconds` seconds, whichever comes first (so it is bounded in both). A request
 fails on any status but 200, a transport error, or a prediction with an error in it. Clients and
-server share this machine's cores, so on 2 cores the numbers are a floor.
+server share this machine's cores, so on 2 cores the numbers are a floor; and the clients are one
+Python process, which at about 32 clients is itself the bottleneck (see the README).
 """
 
 from __future__ import annotations
