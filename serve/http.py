@@ -87,7 +87,9 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
         try:
             form = await request.form(max_files=max_images, max_fields=max_images)
         except HTTPException as exc:  # a malformed form, or more parts than allowed
-            return error(400, f"cannot read the form: {exc.detail} (at most {max_images} images per request)")
+            many = "too many" in str(exc.detail).lower()
+            message = f"at most {max_images} images per request" if many else f"cannot read the form: {exc.detail}"
+            return error(400, message)
         try:
             uploads = form.getlist(FIELD)
             if not uploads:
@@ -103,7 +105,8 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
                 if isinstance(upload, UploadFile):
                     named.append((upload.filename or f"image {n}", await upload.read()))
                 else:
-                    named.append((f"image {n}", f"field '{FIELD}' holds text, not a file: upload the image's bytes"))
+                    why = f"this '{FIELD}' part has no filename, so it was taken as text: send each image as a file"
+                    named.append((f"image {n}", why + f" (curl -F {FIELD}=@photo.png)"))
         finally:
             await form.close()
         rows = await anyio.to_thread.run_sync(lambda: score(model, named, top_k, max_image_pixels), limiter=limiter)
