@@ -15,6 +15,7 @@ Deployed as `score` (prefect.yaml), with a nightly schedule to switch on once im
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def load_model(model: str | None):
 
 @task(name="score", task_run_name="score files {first}-{last}", cache_policy=NO_CACHE)
 def score_batch(model, items: list, top_k: int, first: int, last: int) -> list[dict]:
-    return predict.score(model, [(i.name, predict.read(i)) for i in items], top_k)
+    return predict.score(model, [(i.name, functools.partial(predict.read, i)) for i in items], top_k)
 
 
 @task(name="write", task_run_name="write {out}", cache_policy=NO_CACHE)
@@ -114,6 +115,11 @@ def summary(folder: str, out: Path, model, rows: list[dict], seconds: dict[str, 
     }
 
 
+def cell(text: str) -> str:
+    """Text as one markdown table cell: a `|` or a backtick in a file name must not break the table."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+
+
 def report(result: dict) -> None:
     from prefect.artifacts import create_markdown_artifact
 
@@ -127,7 +133,7 @@ def report(result: dict) -> None:
     ]
     if result["failures"]:
         lines += ["", f"{result['failed']} could not be scored:", "", "| file | error |", "|---|---|"]
-        lines += [f"| `{r['file']}` | {r['error']} |" for r in result["failures"][:50]]
+        lines += [f"| {cell(r['file'])} | {cell(r['error'])} |" for r in result["failures"][:50]]
         if result["failed"] > 50:
             lines.append(f"| ... | {result['failed'] - 50} more, in the predictions file |")
     create_markdown_artifact("\n".join(lines), key="score-summary", description="What the scoring run did")

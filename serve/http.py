@@ -17,12 +17,14 @@
   MLflow run it came from.
 
 Bound to 127.0.0.1 by default: there is no authentication, so expose it on another address only
-behind a proxy that has some. Requests run in a thread pool, a bounded number at a time
-(`--threads`), so a burst of uploads queues rather than exhausting memory.
+behind a proxy that has some. At most 4 uploads are held in memory at once (each up to
+`--max-upload-mb`) and `--threads` of them scored at once; a burst of uploads queues instead of
+exhausting memory, while `/health` and `/model` go on answering.
 The image decoding is `serve.preprocess`, the training images' own.
 """
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import logging
@@ -32,6 +34,8 @@ import time
 
 LOG = logging.getLogger("serve.http")
 FIELD = "images"
+FIELDS = 32  # text fields a form may have besides the images (none is used)
+BUFFERED = 4  # POST bodies held in memory at once (each up to --max-upload-mb); more wait, unread
 
 
 def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: int | None, threads: int = 1):
@@ -55,7 +59,9 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -68,7 +74,7 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
         LOG.exception("request %s %s failed", request.method, request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); the server goes on answering")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict:
         return {"status": "ok", "model_sha256": model.sha256, "uptime_s": round(time.time() - started, 1)}
 
@@ -80,14 +86,14 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
     async def predict(request: Request, top_k: int = 1):
         if not 1 <= top_k <= len(model.classes):
             return error(422, f"top_k must be between 1 and {len(model.classes)} (the number of classes)")
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             return error(
                 415, f"send the images as multipart/form-data, field '{FIELD}' (curl -F {FIELD}=@photo.jpg ...)"
             )
         try:
-            form = await request.form(max_files=max_images, max_fields=max_images)
+            form = await request.form(max_files=max_images, max_fields=FIELDS)
         except HTTPException as exc:  # a malformed form, or more parts than allowed
-            many = "too many" in str(exc.detail).lower()
+            many = "too many files" in str(exc.detail).lower()
             message = f"at most {max_images} images per request" if many else f"cannot read the form: {exc.detail}"
             return error(400, message)
         try:
@@ -97,7 +103,7 @@ def create_app(model, max_upload_bytes: int, max_images: int, max_image_pixels: 
                 return error(
                     400,
                     f"no field '{FIELD}' in the form"
-                    + (f" (it has {', '.join(repr(g) for g in got)})" if got else " (it is empty)")
+                    + (f" (it has {', '.join(repr(g) for g in got)})" if got else " (it is empty, or cut off)")
                     + f": send each image as field '{FIELD}'",
                 )
             named = []
@@ -121,6 +127,9 @@ def limit_body(app, limit: int):
 
     The body is read here (up to the limit) and handed to the app afterwards: a declared
     Content-Length over the limit is refused at once, an undeclared (chunked) one when it passes.
+    At most `BUFFERED` such requests are in memory at once, from reading to answering; the others
+    wait with their bodies unread, so a burst of large uploads queues instead of using memory
+    without bound.
     """
 
     async def send_413(send, size: str) -> None:
@@ -129,9 +138,18 @@ def limit_body(app, limit: int):
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    gate = None  # made on the first request, inside the server's event loop
+
     async def wrapped(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
+        nonlocal gate
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await app(scope, receive, send)  # /health and /model never wait behind uploads
+        if gate is None:
+            gate = asyncio.Semaphore(BUFFERED)
+        async with gate:
+            return await _limited(scope, receive, send)
+
+    async def _limited(scope, receive, send):
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return await send_413(send, f"{int(declared):,} bytes")

@@ -22,9 +22,8 @@ import hashlib
 import json
 import os
 import tempfile
-import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ class ModelError(Exception):
 
 @dataclass
 class Model:
-    """A checked model and its contract; `predict` is safe to call from several threads."""
+    """A checked model and its contract; `decode` and `probabilities` may be called from several threads."""
 
     module: object
     info: dict
@@ -59,7 +58,6 @@ class Model:
     source: str
     run_id: str | None = None
     sha256: str = ""
-    _threads: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def classes(self) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import io
 import json
@@ -32,8 +33,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 FORMATS = ("csv", "json")
+MAX_FILE_BYTES = 256 << 20  # no image under the pixel limit is this large; a video or an archive is
 GLOB_CHARS = set("*?[")
 
 
@@ -82,27 +85,44 @@ def collect(paths: list[str]) -> list[Item]:
             items.append(Item(raw, error="not a regular file (a pipe, socket or device)"))
         else:
             items.append(Item(raw, error="no such file or folder"))
-    return items
+    # A file named twice (a folder and a glob inside it, `**` matching a folder and its files) is scored once.
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key = os.path.realpath(item.path) if item.path else f"?{item.name}"
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique
 
 
 def read(item: Item) -> bytes | str:
-    """The file's bytes, or why they cannot be read."""
+    """The file's bytes, or why they cannot be read (too large to be an image we would accept, for one)."""
     if item.error:
         return item.error
     try:
+        size = item.path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return f"{size:,} bytes, over the limit of {MAX_FILE_BYTES:,} for one image file"
         return item.path.read_bytes()
     except OSError as exc:
         return f"cannot read it ({exc.strerror or exc})"
+    except MemoryError:
+        return "too large to read in the memory available"
 
 
-def score(model, named: list[tuple[str, bytes | str]], top_k: int = 1, max_pixels: int | None = None) -> list[dict]:
-    """One row per (name, bytes or error) in order: class, probability and top-k, or the error.
+def score(model, named: list[tuple[str, Any]], top_k: int = 1, max_pixels: int | None = None) -> list[dict]:
+    """One row per (name, data) in order: class, probability and top-k, or the error.
 
-    Shared by this command, the batch-scoring flow and the HTTP server.
+    `data` is the file's bytes, the reason it has none (a str), or a function returning either:
+    files are then read one at a time, each decoded before the next is read. Shared by this
+    command, the batch-scoring flow and the HTTP server.
     """
     rows: list[dict] = [{"file": name} for name, _ in named]
     images, where = [], []
     for i, (_, data) in enumerate(named):
+        if callable(data):
+            data = data()
         decoded = model.decode(data, max_pixels) if isinstance(data, bytes) else None
         if decoded is None or decoded.image is None:
             rows[i]["error"] = data if decoded is None else decoded.reason
@@ -147,7 +167,8 @@ def write_atomic(path: Path, text: str) -> None:
     """`text` into `path` whole, or `path` untouched: a temporary file beside it, then a rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for start in range(0, len(items), args.batch_size):
         batch = items[start : start + args.batch_size]
-        rows += score(model, [(i.name, read(i)) for i in batch], top_k, args.max_image_pixels)
+        rows += score(model, [(i.name, functools.partial(read, i)) for i in batch], top_k, args.max_image_pixels)
     text = to_csv(rows, top_k) if args.format == "csv" else to_json(rows)
     if args.output:
         try:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+_PILLOW_LIMIT = threading.Lock()
 SIGNATURES = {  # how image files begin: to tell a damaged image from a file that is no image at all
     b"\x89PNG": "PNG",
     b"\xff\xd8": "JPEG",
@@ -90,12 +92,17 @@ def decode(
     data: bytes, channels: int, size: int | None, policy: str, max_pixels: int, limit_name: str = "the pixel limit"
 ) -> Decoded:
     """Check and decode one file's bytes; every way it can fail becomes a reason (`limit_name` names the limit)."""
+    if not data:
+        return Decoded(None, reason="empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()  # prepare finds the same image twice by it
+    with _PILLOW_LIMIT:  # Pillow's limit is one global: threads (a server's) take turns
+        return _decode(data, digest, channels, size, policy, max_pixels, limit_name)
+
+
+def _decode(data: bytes, digest: str, channels: int, size, policy: str, max_pixels: int, limit_name: str) -> Decoded:
     from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    if not data:
-        return Decoded(None, reason="empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice this, before decoding; we refuse at once
     try:

@@ -119,6 +119,45 @@ def test_bad_files_get_their_reason_and_the_others_are_still_scored(exported, di
     assert "2 of 8 files scored" in proc.stderr
 
 
+def test_a_file_named_twice_is_scored_once_and_a_name_that_is_not_utf8_is_written_back(exported, digit_files, tmp_path):
+    from serve import predict
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    source = sorted((digit_files[0] / "2").glob("*.png"))[0].read_bytes()
+    (folder / "a.png").write_bytes(source)
+    (folder / "sub/b.png").write_bytes(source)
+    odd = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1 bytes, as an old camera or archive names it
+    with open(odd, "wb") as f:
+        f.write(source)
+    out = tmp_path / "p.csv"
+    model = str(exported / "models/export")
+    code = predict.main([str(folder), f"{folder}/**/*", str(folder / "a.png"), "--model", model, "--output", str(out)])
+    assert code == 0
+    lines = out.read_bytes().splitlines()[1:]
+    assert [line.split(b",")[0] for line in lines] == [
+        os.fsencode(folder / "a.png"),
+        odd,
+        os.fsencode(folder / "sub/b.png"),
+    ]
+    assert len({line.split(b",", 1)[1] for line in lines}) == 1  # the same bytes, the same answer
+
+
+@pytest.mark.slow
+def test_an_output_that_cannot_be_replaced_keeps_its_old_content(exported, digit_files, tmp_path):
+    from tests.conftest import immutable
+
+    out = tmp_path / "p.csv"
+    files = [str(f) for f in sorted((digit_files[0] / "1").glob("*.png"))[:3]]
+    assert python("-m", "serve.predict", *files, "--output", str(out), cwd=exported).returncode == 0
+    before = out.read_bytes()
+    with immutable(out):
+        proc = python("-m", "serve.predict", *files, "--top-k", "2", "--output", str(out), cwd=exported)
+        assert proc.returncode == 9 and f"cannot write {out}" in one_line_error(proc)
+        assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]  # no temporary file left beside it
+
+
 @pytest.mark.slow
 def test_a_model_that_cannot_be_used_is_one_message_and_writes_nothing(exported, tmp_path):
     from serve.model import ModelError, load
@@ -281,12 +320,17 @@ def test_each_bad_request_gets_a_json_error_and_the_server_keeps_answering(serve
     assert wrong_field["error"] == "no field 'images' in the form (it has 'image'): send each image as field 'images'"
     empty_form = {"content-type": "multipart/form-data; boundary=xyz"}
     assert post(400, content=b"--xyz--\r\n", headers=empty_form)["error"].startswith(
-        "no field 'images' in the form (it is empty)"
+        "no field 'images' in the form (it is empty, or cut off)"
     )
     assert post(415, content=good.read_bytes(), headers={"content-type": "image/png"})["error"].startswith(
         "send the images as multipart/form-data, field 'images'"
     )
     assert post(400, files=[ok] * 5)["error"] == "at most 4 images per request"
+    with_text = post(200, files=[ok], data={f"note{n}": "x" for n in range(5)})  # text fields are not images
+    assert [p["class"] for p in with_text["predictions"]] == [rows[0]["class"]]
+    wrong_method = httpx.get(f"{server}/predict")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert httpx.head(f"{server}/health").status_code == 200
     too_big = post(413, files=[("images", ("big.png", b"\0" * 600_000, "image/png"))])
     assert too_big["error"].startswith("the request body is 600,") and too_big["error"].endswith(
         "over the limit of 500,000 bytes"
@@ -298,7 +342,7 @@ def test_each_bad_request_gets_a_json_error_and_the_server_keeps_answering(serve
     assert post(422, files=[ok], params={"top_k": "x"})["error"].startswith("query.top_k:")
     text = post(422, files={"images": (None, "hello")})
     assert text["predictions"][0]["error"].startswith("this 'images' part has no filename, so it was taken as text")
-    nameless = post(422, files=[("images", ("", good.read_bytes(), "image/png"))])  # what some clients send
+    nameless = post(422, files=[("images", ("", good.read_bytes(), "image/png"))])  # httpx sends no filename
     assert nameless["predictions"][0]["error"].startswith("this 'images' part has no filename")
     assert post(400, content=b"x" * 10, headers={"content-type": "multipart/form-data"})["error"] == (
         "cannot read the form: Missing boundary in multipart."
