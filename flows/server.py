@@ -5,8 +5,8 @@
 
 A server is configured by PREFECT_API_URL, in the environment or in the active Prefect profile
 (`prefect config set PREFECT_API_URL=...`). Without one, `python -m flows.pipeline` uses a
-long-lived local server (state in `.prefect/`, UI on http://127.0.0.1:4200, `PREFECT_PORT` to
-change), started in the background the first time, in a session of its own so that Ctrl-C on
+long-lived local server (state in `.prefect/`, its output in `.prefect/server.log`, UI on
+http://127.0.0.1:4200, `PREFECT_PORT` to change), started in the background the first time, in a session of its own so that Ctrl-C on
 the flow or a closed terminal does not stop it. Prefect's alternative, a temporary server per
 process, costs 9-14 s on every run, keeps no history for the UI, and outlives a flow process
 that is killed; one reused server has none of these problems.
@@ -29,6 +29,7 @@ from tasks.errors import ServerError
 from tasks.files import process_alive
 
 STARTUP_SECONDS = 120
+LOG = "server.log"  # the local server's output, in PREFECT_HOME
 
 
 def healthy(api_url: str) -> bool:
@@ -62,23 +63,59 @@ def configured_url() -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def _prefect(*args: str, home: Path) -> subprocess.CompletedProcess:
+def _env(home: Path) -> dict[str, str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop("PREFECT_API_URL", None)
     # Where the UI in the browser finds the API: on PREFECT_PORT, not Prefect's default port 4200.
     env.setdefault("PREFECT_UI_API_URL", local_url())
+    return env
+
+
+def _prefect(*args: str, home: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             [sys.executable, "-m", "prefect", *args],
-            env=env,
+            env=_env(home),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=STARTUP_SECONDS,
-            start_new_session=True,  # the server it starts must not share the flow's Ctrl-C or terminal
+            start_new_session=True,
         )
     except subprocess.TimeoutExpired:
         raise ServerError(f"`prefect {' '.join(args)}` did not return within {STARTUP_SECONDS} s; see {home}") from None
+
+
+def _start(port: str, home: Path, pid_file: Path) -> subprocess.Popen:
+    """`prefect server start` in a session of its own, its output appended to `home`/server.log.
+
+    Not `prefect server start --background`: that gives the server pipes for its output which
+    nobody reads once the starting command has exited, so whatever the server says later (a
+    warning, an error before it stops) is lost, or fails to be written. The pid file is the one
+    `prefect server stop` reads.
+    """
+    with open(home / LOG, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--analytics-off",
+            ],
+            env=_env(home),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the server must not share the flow's Ctrl-C or terminal
+        )
+    pid_file.write_text(str(proc.pid))
+    return proc
 
 
 def _stale_pid_file(pid_file: Path) -> bool:
@@ -119,27 +156,39 @@ def ensure_server() -> str:
     pid_file = home / "server.pid"
     if _stale_pid_file(pid_file):
         pid_file.unlink(missing_ok=True)  # left by a server that was killed; Prefect would refuse to start
-    started = _prefect(
-        "server", "start", "--host", "127.0.0.1", "--port", port, "--analytics-off", "--background", home=home
-    )
-    said = (started.stderr.strip() or started.stdout.strip()).splitlines()
-    already = any("already running" in line for line in said)
-    if started.returncode != 0 and not already:
-        if any("already in use" in line for line in said):
-            raise ServerError(f"port {port} is taken by another program; choose a free one with PREFECT_PORT=<port>")
-        raise ServerError(f"cannot start a local Prefect server on port {port}: {said[-1] if said else 'no output'}")
-    # Another process may be starting it at this moment; if none is, Prefect's pid file is wrong.
-    deadline = time.monotonic() + (20 if already else STARTUP_SECONDS)
+    try:
+        pid_file.touch(exist_ok=False)  # one starter at a time: another process may be starting it now
+    except FileExistsError:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if healthy(url):
+                return url
+            time.sleep(0.5)
+        raise ServerError(
+            f"a Prefect server is starting or running from {home} (pid file {pid_file}), but none answers on "
+            f"{url}: stop it with `python -m flows.server --stop`, or remove {pid_file}, and run again"
+        ) from None
+    mark = (home / LOG).stat().st_size if (home / LOG).exists() else 0
+    proc = _start(port, home, pid_file)
+    deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if healthy(url):
             return url
+        if proc.poll() is not None:  # it stopped: the port was taken, or Prefect could not start
+            pid_file.unlink(missing_ok=True)
+            with open(home / LOG, "rb") as f:
+                f.seek(mark)
+                said = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+            if any("already in use" in line or "already running on port" in line for line in said):
+                raise ServerError(
+                    f"port {port} is taken by another program; choose a free one with PREFECT_PORT=<port>"
+                )
+            raise ServerError(
+                f"cannot start a local Prefect server on port {port}: {said[-1] if said else 'no output'} "
+                f"(see {home / LOG})"
+            )
         time.sleep(0.5)
-    if already:
-        raise ServerError(
-            f"Prefect says a server is running from {home}, but none answers on {url}: stop it with "
-            f"`python -m flows.server --stop`, or remove {pid_file}, and run again"
-        )
-    raise ServerError(f"the local Prefect server did not answer on {url} within {STARTUP_SECONDS} s; see {home}")
+    raise ServerError(f"the local Prefect server did not answer on {url} within {STARTUP_SECONDS} s; see {home / LOG}")
 
 
 def stop_server() -> None:
