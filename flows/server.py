@@ -6,10 +6,11 @@
 A server is configured by PREFECT_API_URL, in the environment or in the active Prefect profile
 (`prefect config set PREFECT_API_URL=...`). Without one, `python -m flows.pipeline` uses a
 long-lived local server (state in `.prefect/`, its output in `.prefect/server.log`, UI on
-http://127.0.0.1:4200, `PREFECT_PORT` to change), started in the background the first time, in a session of its own so that Ctrl-C on
-the flow or a closed terminal does not stop it. Prefect's alternative, a temporary server per
-process, costs 9-14 s on every run, keeps no history for the UI, and outlives a flow process
-that is killed; one reused server has none of these problems.
+http://127.0.0.1:4200, `PREFECT_PORT` to change), started in the background the first time, in
+a session of its own so that Ctrl-C on the flow or a closed terminal does not stop it.
+Prefect's alternative, a temporary server per process, costs 9-14 s on every run, keeps no
+history for the UI, and outlives a flow process that is killed; one reused server has none of
+these problems.
 
 Light on purpose: this runs before Prefect is imported, so PREFECT_API_URL is set in time.
 """
