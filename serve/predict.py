@@ -4,8 +4,9 @@
     python -m serve.predict scans/ --top-k 3 --format json --output predictions.json
     python -m serve.predict scans/ --model models:/classifier@champion
 
-PATHS are image files, folders (every file under them, hidden ones left out, in sorted order) or
-globs (`**` reaches into subfolders; quote them so that the shell leaves them to this command).
+PATHS are image files, folders (every file under them in sorted order, leaving out what prepare
+leaves out: hidden files, Thumbs.db, desktop.ini, __MACOSX) or globs (`**` reaches into
+subfolders; quote them so that the shell leaves them to this command).
 Each image is decoded and resized as the model's training images were (`model.json`'s
 `preprocess`, `serve.preprocess`), whatever its size, mode or format. The model is the project's
 last export unless `--model` names another (see `serve.model`).
@@ -49,21 +50,21 @@ class Item:
     error: str = ""
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def _folder(folder: Path) -> Iterator[Item]:
+    from serve.preprocess import ignored  # as prepare: no hidden files, no Thumbs.db
+
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not ignored(d))
         for name in sorted(filenames):
-            if not _hidden(name):
+            if not ignored(name):
                 path = Path(dirpath) / name
                 yield Item(str(path), path)
 
 
 def collect(paths: list[str]) -> list[Item]:
     """Every file the paths name, in order; a path that names nothing is an item with an error."""
+    from serve.preprocess import ignored
+
     items: list[Item] = []
     for raw in paths:
         path = Path(raw)
@@ -75,7 +76,7 @@ def collect(paths: list[str]) -> list[Item]:
             matches = sorted(glob.glob(raw, recursive=True))
             for match in matches:
                 m = Path(match)
-                if m.is_file() and not _hidden(m.name):
+                if m.is_file() and not ignored(m.name):
                     items.append(Item(match, m))
                 elif m.is_dir() and not raw.endswith("**"):
                     items += _folder(m)

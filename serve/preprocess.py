@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 _PILLOW_LIMIT = threading.Lock()
+IGNORED = {"Thumbs.db", "desktop.ini", "__MACOSX"}  # besides hidden files (".DS_Store", "._photo.jpg")
 SIGNATURES = {  # how image files begin: to tell a damaged image from a file that is no image at all
     b"\x89PNG": "PNG",
     b"\xff\xd8": "JPEG",
@@ -37,6 +38,11 @@ SIGNATURES = {  # how image files begin: to tell a damaged image from a file tha
     b"MM\x00*": "TIFF",
     b"RIFF": "WebP",
 }
+
+
+def ignored(name: str) -> bool:
+    """A file or folder name that is never an image to learn from or to score: hidden, or the OS's own."""
+    return name.startswith(".") or name in IGNORED
 
 
 @dataclass

@@ -95,6 +95,7 @@ def test_bad_files_get_their_reason_and_the_others_are_still_scored(exported, di
     (bad / "cut.png").write_bytes(png()[:60])
     (bad / "huge.png").write_bytes(png((400, 300)))
     (bad / ".hidden.png").write_bytes(png())  # left out, as prepare leaves it out
+    (bad / "Thumbs.db").write_bytes(b"\x00" * 64)  # the same
     out = tmp_path / "p.csv"
     args = [*map(str, good), str(bad), str(tmp_path / "missing.png"), f"{tmp_path}/none-*.jpg"]
     proc = python("-m", "serve.predict", *args, "--max-image-pixels", "100000", "--output", str(out), cwd=exported)

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from serve import preprocess
-from serve.preprocess import Decoded
+from serve.preprocess import Decoded, ignored
 from tasks.errors import DataError
 
 SPLITS = ("train", "val", "test")
-IGNORED = {"Thumbs.db", "desktop.ini", "__MACOSX"}  # besides hidden files (".DS_Store", "._photo.jpg")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -96,12 +95,8 @@ def mnist(root: Path, fashion: bool, download: bool) -> Arrays:
     return Arrays(np.ascontiguousarray(images), labels, list(kind.classes), 255, split)
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED
-
-
 def _class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not ignored(e.name))
 
 
 def _walk(folder: Path, problems: dict[str, str], root: Path) -> Iterator[Path]:
@@ -116,11 +111,11 @@ def _walk(folder: Path, problems: dict[str, str], root: Path) -> Iterator[Path]:
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         here = Path(dirpath)
-        for d in [d for d in dirnames if (here / d).is_symlink() and not _hidden(d)]:
+        for d in [d for d in dirnames if (here / d).is_symlink() and not ignored(d)]:
             problems[(here / d).relative_to(root).as_posix() + "/"] = "a symlinked folder: not followed"
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and not (here / d).is_symlink())
+        dirnames[:] = sorted(d for d in dirnames if not ignored(d) and not (here / d).is_symlink())
         for name in sorted(filenames):
-            if not _hidden(name):
+            if not ignored(name):
                 yield here / name
 
 
