@@ -127,7 +127,7 @@ def _stale_pid_file(pid_file: Path) -> bool:
     except OSError:
         return False
     if not text:
-        return age > 10  # Prefect writes the pid right after creating the file
+        return age > 10  # the starter (ensure_server) writes the pid right after creating the file
     if not text.isdigit() or not process_alive(text):
         return True
     try:

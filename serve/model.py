@@ -11,9 +11,9 @@
 
 Before a model is handed out it must pass every check, so a server never answers with a
 half-loaded one: `model.json` is readable and has the preprocessing contract, the file's SHA-256
-is the one `model.json` records (they come from the same export), the file loads, and a batch of
-the recorded input shape gives one finite logit per class. Each failure is one `ModelError`
-whose message names the file and what to do.
+is the one `model.json` records (they come from the same export), the file loads, and a test
+image decoded by that contract, with a black one, gives one finite probability per class each.
+Each failure is one `ModelError` whose message names the file and what to do.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _load_module(file: Path, fmt: str):
                 return torch.jit.load(str(file), map_location="cpu").eval()
             return torch.export.load(str(file)).module()
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = _first_line(exc)
         kind = "TorchScript" if fmt == "torchscript" else "torch.export"
         raise ModelError(f"{file} is not a {kind} model torch {torch.__version__} can load: {first}") from None
 
@@ -202,7 +202,7 @@ def _check(model: Model) -> None:
     try:
         probs = model.probabilities(images)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = _first_line(exc)
         raise ModelError(
             f"{model.file} does not take the input its model.json describes "
             f"({p['channels']}x{p['size']}x{p['size']} images): {first}"
@@ -223,6 +223,11 @@ def _run_id(file: Path, info: dict) -> str | None:
         return None
     tag = info.get("mlflow_run_tag") or {}
     return data.get("run_id") if data.get("best_sha256") in tag.values() else None
+
+
+def _first_line(exc: BaseException, text: str | None = None) -> str:
+    """The first line of an exception's message (or of `text`), at most 200 characters: for a one-line error."""
+    return (str(exc if text is None else text).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def tracking_uri() -> str:
@@ -259,7 +264,6 @@ def _download(reference: str, into: Path) -> str:
             local = Path(client.download_artifacts(run_id, f"export/{name}", str(into / "download")))
             local.rename(into / name)
     except Exception as exc:  # MlflowException, or the store's own (a database, a network) errors
-        text = exc.message if isinstance(exc, MlflowException) else str(exc)
-        first = (str(text).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = _first_line(exc, exc.message if isinstance(exc, MlflowException) else None)
         raise ModelError(f"cannot load {reference} from the MLflow store {uri}: {first}") from None
     return run_id
