@@ -289,13 +289,13 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
             "loop": done, "rng": rng, "batches": epoch_state.batches, "steps": epoch_state.steps,
             "loss_sum": epoch_state.loss_sum.detach().cpu(), "seen": epoch_state.seen, "first": epoch_state.first_loss,
         }  # fmt: skip
-        writer.save(paths.CHECKPOINTS, state, epoch_state.steps, done["epoch"], cfg.checkpoint.keep)
+        writer.save(paths.CHECKPOINTS, state, epoch_state.steps, done["epoch"], cfg.checkpoint.keep, last=finished)
 
     def every_n_steps(state: EpochState) -> None:
         if cfg.checkpoint.every_steps and state.steps % cfg.checkpoint.every_steps == 0:
             save()
 
-    writer = checkpoint.Writer()
+    writer = checkpoint.Writer(background=cuda)  # on a CPU torch's threads have every core: see Writer
     try:
         progress = Progress(me.main)
         metric = cfg.select_metric

@@ -7,6 +7,8 @@ the kills from outside (SIGKILL, SIGINT to `dvc repro`) are in tests/test_dvc.py
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +93,38 @@ def test_a_checkpoint_holds_plain_values_and_tensors_only(built):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("background", [False, True])
+def test_checkpoints_reach_the_disk_once_a_second_and_the_last_flushed_one_is_kept(tmp_path, monkeypatch, background):
+    """A machine crash can lose only what was not flushed: the newest flushed checkpoint stays until a newer one is."""
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        checkpoint.os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
+    writer = checkpoint.Writer(background=background, sync_every=3600)
+    for epoch in range(1, 5):
+        writer.save(
+            tmp_path,
+            {"format": checkpoint.FORMAT, "epoch": epoch, "w": torch.full((3,), float(epoch))},
+            epoch * 10,
+            epoch,
+            keep=2,
+        )
+    writer.wait()
+    names = sorted(p.name.split("-")[3] for p in tmp_path.iterdir())
+    assert names == ["0001", "0003", "0004"]  # the newest two, and epoch 1's, the only one flushed
+    assert [Path(f).name.split("-")[3] for f in flushed if f.endswith(".tmp")] == ["0001"]
+    writer.save(
+        tmp_path, {"format": checkpoint.FORMAT, "epoch": 5, "w": torch.full((3,), 5.0)}, 50, 5, keep=2, last=True
+    )
+    writer.wait()
+    assert sorted(p.name.split("-")[3] for p in tmp_path.iterdir()) == ["0004", "0005"]
+    state, path = checkpoint.load_latest(tmp_path, warn=pytest.fail)
+    assert state["epoch"] == 5 and torch.equal(state["w"], torch.full((3,), 5.0))
+    assert [Path(f).name.split("-")[3] for f in flushed if f.endswith(".tmp")] == ["0001", "0005"]
+    assert flushed.count(str(tmp_path)) == 2  # and the folder's entries each time
+
+
 def test_a_corrupt_last_checkpoint_is_named_and_the_one_before_is_used(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=4", "train.checkpoint.keep=3"])
     train.run(params)
@@ -188,18 +222,18 @@ def test_resuming_from_the_middle_of_an_epoch_gives_the_same_weights(built, monk
     params = load(overrides=["train.epochs=3", "train.checkpoint.every_steps=7", "train.augment.rotation=10"])
     train.run(params)
     uninterrupted = sha256_file(paths.BEST)
-    real = checkpoint.save
+    real = checkpoint.place
     calls = {"n": 0}
 
-    def save_then_die(folder, state, steps, epoch, keep):
-        path = real(folder, state, steps, epoch, keep)
+    def save_then_die(*args):
+        path = real(*args)
         calls["n"] += 1
         if calls["n"] == 4:  # steps 7, 14, the end of epoch 1 (20), then step 21: one batch into epoch 2
             raise KeyboardInterrupt
         return path
 
     with monkeypatch.context() as mp:
-        mp.setattr(checkpoint, "save", save_then_die)
+        mp.setattr(checkpoint, "place", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train.run(params)
     capsys.readouterr()
