@@ -1,0 +1,170 @@
+"""What a short run costs besides its training: the flow and `dvc repro` against a bare script doing the same job.
+
+Run from the repository root, in the project's environment:
+
+    source scripts/env.sh
+    python benchmarks/startup.py                  # 3 rounds
+    python benchmarks/startup.py --rounds 5 --json out.json
+
+In a fresh clone of this checkout (a temporary folder: nothing here changes), with its own local
+Prefect server started and warmed up first (one flow run that is not counted), it alternates, round
+by round:
+
+- "bare": `benchmarks/seed_script.py`, the seed's whole job in one process (digits, split, the
+  default CNN for 30 epochs with validation, test accuracy, `torch.save` and TorchScript);
+- "flow": `python -m flows.pipeline --force`, the default params, every step;
+- "repro": `dvc repro --force`, the same stages, one process each.
+
+Then a no-op `dvc repro` (nothing changed: DVC only checks), and `--help` of every entry point.
+Each step's time is read from the output as it arrives (see `timed`): the flow's `[k/6 stage]`
+lines, DVC's `Running stage` lines. "start" is the time before the first step (the flow's imports,
+server check and flow start; DVC's start), "end" the flow's time after its last step (the push, the
+results, the exit); under DVC the last stage runs to the exit. Medians of the rounds; the first flow run is the
+warm-up. Targets (issue 12): the flow at most 1.6x the bare
+script, a full `dvc repro` at most 4x, a no-op `dvc repro` under 1 s, every `--help` under 0.3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "build", "train", "evaluate", "export", "promote")
+ENTRY_POINTS = (
+    "tasks",
+    "tasks.reproduce",
+    "tasks.promote",
+    "flows.pipeline",
+    "flows.sweep",
+    "flows.score",
+    "flows.server",
+    "serve.predict",
+    "serve.http",
+)
+FLOW_LINE = re.compile(r"\[\d+/\d+ (\w+)\]")
+DVC_LINE = re.compile(r"Running stage '(\w+)'")
+
+
+def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None = None) -> tuple[float, dict, str]:
+    """Run `command`; (wall seconds, seconds per step and before and after them, output).
+
+    A step's lines are those `pattern` names it in. For the flow (steps that print only when they
+    end) a step runs from the previous step's last line to its own last line, the first from the
+    flow run's "Beginning flow run" line; for DVC (which names a stage as it starts it) from its
+    first line to the next stage's.
+    """
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    begun = None
+    lines = []
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - start
+            lines.append(line)
+            if begun is None and "Beginning flow run" in line:
+                begun = now
+            match = pattern.search(line) if pattern else None
+            if match and match[1] in STAGES:
+                first.setdefault(match[1], now)
+                last[match[1]] = now
+    wall = time.perf_counter() - start
+    output = "".join(lines)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}):\n{output[-3000:]}")
+    stages: dict[str, float] = {}
+    order = [stage for stage in STAGES if stage in first]
+    if not order:
+        return wall, stages, output
+    if pattern is FLOW_LINE:
+        edges = [begun if begun is not None else first[order[0]]] + [last[stage] for stage in order]
+    else:
+        edges = [first[stage] for stage in order] + [wall]
+    stages["start"] = edges[0]
+    for stage, (at, until) in zip(order, zip(edges, edges[1:], strict=False), strict=True):
+        stages[stage] = until - at
+    stages["end"] = wall - edges[-1]
+    return wall, stages, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="counted rounds (default 3)")
+    parser.add_argument("--port", default="4299", help="the clone's local Prefect server port (default 4299)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="startup-"))
+    repo = tmp / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    env = {**os.environ, "PREFECT_PORT": args.port, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_HOME", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    py = sys.executable
+    results: dict = {"bare": [], "flow": [], "repro": [], "flow_stages": [], "repro_stages": []}
+    try:
+        subprocess.run([py, "-m", "flows.server"], cwd=repo, env=env, check=True, capture_output=True)
+        print("warm-up: a first flow run (not counted)", flush=True)
+        timed([py, "-m", "flows.pipeline", "--force"], repo, env)
+        for n in range(1, args.rounds + 1):
+            bare, _, _ = timed([py, str(ROOT / "benchmarks" / "seed_script.py"), str(tmp / "seed-out")], repo, env)
+            flow, flow_stages, _ = timed([py, "-m", "flows.pipeline", "--force"], repo, env, FLOW_LINE)
+            repro, repro_stages, _ = timed(["dvc", "repro", "--force"], repo, env, DVC_LINE)
+            for key, value in (("bare", bare), ("flow", flow), ("repro", repro)):
+                results[key].append(value)
+            results["flow_stages"].append(flow_stages)
+            results["repro_stages"].append(repro_stages)
+            print(
+                f"round {n}: bare {bare:.1f} s, flow {flow:.1f} s ({flow / bare:.2f}x), "
+                f"dvc repro {repro:.1f} s ({repro / bare:.2f}x)",
+                flush=True,
+            )
+        results["noop"] = [timed(["dvc", "repro"], repo, env)[0] for _ in range(3)]
+        results["help"] = {
+            module: statistics.median(timed([py, "-m", module, "--help"], repo, env)[0] for _ in range(3))
+            for module in ENTRY_POINTS
+        }
+    finally:
+        subprocess.run([py, "-m", "flows.server", "--stop"], cwd=repo, env=env, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    bare, flow, repro = (statistics.median(results[k]) for k in ("bare", "flow", "repro"))
+    now = datetime.now().strftime("%Y-%m-%d %H:%M")
+    machine = platform.processor() or platform.machine()
+    print(f"\n{now}, {machine}, {os.cpu_count()} CPUs; medians of {args.rounds} rounds")
+    print(f"bare script      {bare:6.1f} s")
+    print(f"flow (--force)   {flow:6.1f} s   {flow / bare:.2f}x the bare script (target 1.6x)")
+    print(f"dvc repro -f     {repro:6.1f} s   {repro / bare:.2f}x (target 4x)")
+    print(f"no-op dvc repro  {statistics.median(results['noop']):6.2f} s   (target < 1 s)")
+    print("\nper step, seconds   flow   dvc repro")
+    for stage in ("start", *STAGES, "end"):
+        cells = []
+        for key in ("flow_stages", "repro_stages"):
+            values = [r[stage] for r in results[key] if stage in r]
+            cells.append(f"{statistics.median(values):6.1f}" if values else "     -")
+        print(f"  {stage:16} {cells[0]}   {cells[1]}")
+    print("\n--help, seconds (target < 0.3)")
+    for module, seconds in results["help"].items():
+        print(f"  python -m {module:16} {seconds:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"date": now, **results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
