@@ -92,7 +92,6 @@ def test_a_checkpoint_holds_plain_values_and_tensors_only(built):
     assert state["inputs"]["train.lr"] == 0.003 and len(state["inputs"]["data.sha256"]) == 64
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("background", [False, True])
 def test_checkpoints_reach_the_disk_once_a_second_and_the_last_flushed_one_is_kept(tmp_path, monkeypatch, background):
     """A machine crash can lose only what was not flushed: the newest flushed checkpoint stays until a newer one is."""
@@ -125,6 +124,7 @@ def test_checkpoints_reach_the_disk_once_a_second_and_the_last_flushed_one_is_ke
     assert flushed.count(str(tmp_path)) == 2  # and the folder's entries each time
 
 
+@pytest.mark.slow
 def test_a_corrupt_last_checkpoint_is_named_and_the_one_before_is_used(built, monkeypatch, capsys):
     params = load(overrides=["train.epochs=4", "train.checkpoint.keep=3"])
     train.run(params)
