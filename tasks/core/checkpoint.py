@@ -101,16 +101,8 @@ def _entries(folder: Path) -> list[tuple[int, int, str, Path]]:
     return sorted(found)
 
 
-def save(
-    folder: Path, state: dict[str, Any], steps: int, epoch: int, keep: int, sync: bool = True, spare: Path | None = None
-) -> Path:
-    """Write `state` atomically as the newest checkpoint, flushed to disk if `sync`; keep the newest `keep` and
-    `spare` (the newest flushed one, while newer ones are not); return its path."""
-    return place(*write(folder, state, steps, epoch), keep, sync, spare)
-
-
 def write(folder: Path, state: dict[str, Any], steps: int, epoch: int) -> tuple[Path, Path]:
-    """The first half of `save`, all CPU: `state` serialized into a temporary file; (that file, its final name)."""
+    """A checkpoint's first half, all CPU: `state` serialized into a temporary file; (that file, its final name)."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     crc32 = torch.serialization.get_crc32_options()
@@ -133,7 +125,8 @@ def write(folder: Path, state: dict[str, Any], steps: int, epoch: int) -> tuple[
 
 
 def place(tmp: Path, path: Path, keep: int, sync: bool, spare: Path | None) -> Path:
-    """The second half of `save`, mostly waiting for the disk: flushed if `sync`, renamed into place, the old pruned."""
+    """Its second half, mostly waiting for the disk: flushed if `sync`, renamed into place; of the older ones, the
+    newest `keep` stay, and `spare` (the newest flushed one, while newer ones are not)."""
     try:
         if sync:
             with open(tmp, "rb+") as f:
