@@ -102,6 +102,14 @@ def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None =
     return wall, stages, output
 
 
+def cpu_model() -> str:
+    """`Intel(R) Xeon(R) Processor`, `AMD EPYC ...`: platform.processor() says only x86_64 on Linux."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="counted rounds (default 3)")
@@ -146,7 +154,7 @@ def main() -> None:
 
     bare, flow, repro = (statistics.median(results[k]) for k in ("bare", "flow", "repro"))
     now = datetime.now().strftime("%Y-%m-%d %H:%M")
-    machine = platform.processor() or platform.machine()
+    machine = cpu_model()
     print(f"\n{now}, {machine}, {os.cpu_count()} CPUs; medians of {args.rounds} rounds")
     print(f"bare script      {bare:6.1f} s")
     print(f"flow (--force)   {flow:6.1f} s   {flow / bare:.2f}x the bare script (target 1.6x)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import STAGES, StepContext, run_stage
-from tasks.cli import Terminated, user_errors
+from tasks.cli import Terminated, fast_exit, user_errors
 from tasks.errors import BusyError, ConfigError, DataError, ExportError, PipelineError, TrainingError
 from tasks.files import json_text, write_text
 from tasks.params import PARAMS_FILE, load
@@ -186,6 +186,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"error: unknown steps {unknown}; choose from {', '.join(STAGES)}")
     signal.signal(signal.SIGTERM, stop_once)
+    fast_exit()
     with user_errors():
         busy = (
             f"{Path.cwd()} is in use by another run of this trial (a sweep stopped while a Dask worker still ran "

@@ -62,11 +62,13 @@ def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> to
     `crop` resizes the shorter side to `size` and cuts the middle; `pad` resizes the longer side
     and pads with black; `stretch` resizes each side on its own, ignoring the aspect ratio.
     """
+    h, w = image.shape[-2:]
+    if image.shape[-3] == channels and (size is None or (h == size and w == size)):
+        return image.contiguous()  # the digits and MNIST as they come: no torchvision import (about 1 s)
     from torchvision.transforms.v2 import functional as F
 
     if image.shape[-3] != channels:
         image = F.rgb_to_grayscale(image) if channels == 1 else image.expand(*image.shape[:-3], 3, -1, -1)
-    h, w = image.shape[-2:]
     if size is None or (h == size and w == size):
         return image.contiguous()
     if policy == "stretch":

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     params = load_or_exit(args.params, args.overrides)
     stop_on_sigterm()
+    if args.stage == "export":
+        from tasks import checker
+
+        checker.start_ahead()  # the export's fresh process imports torch beside this one, on the other core
     orchestrator = "dvc" if os.environ.get("DVC_STAGE") else "cli"
     with user_errors(prefix=f"{args.stage}: "), checkout_lock():
         run_stage(args.stage, params, StepContext(args.params, {"orchestrator": orchestrator}))

@@ -30,7 +30,6 @@ import os
 import re
 import site
 import subprocess
-import sys
 import sysconfig
 import threading
 import types
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import BY_HAND, StepContext, inputs, paths, tracking
+from tasks import BY_HAND, StepContext, checker, inputs, paths, tracking
 from tasks.errors import ExportError
 from tasks.files import json_text, save_torch, sha256_file, staged, write_serialized
 from tasks.params import Params
@@ -52,21 +51,6 @@ from tasks.paths import TORCHSCRIPT
 
 CHECK_IMAGES = 512  # test images the exported files must reproduce the eager model on
 PYFUNC_CODE = Path(__file__).with_name("mlflow_torchscript.py")
-
-# Runs in the fresh process: torch only, no project code; the inputs arrive on stdin (no temp file).
-CHECK = """
-import io, json, sys, warnings
-import torch
-warnings.filterwarnings("ignore", category=FutureWarning)  # TorchScript deprecation
-x, expected = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=True).values()
-models = {"torchscript": torch.jit.load(sys.argv[1]), "torch_export": torch.export.load(sys.argv[2]).module()}
-out = {}
-with torch.no_grad():
-    for name, model in models.items():
-        out[name] = (model(x) - expected).abs().max().item()
-print(json.dumps(out))
-"""
-
 
 # torch 2.14 deprecates TorchScript in favour of torch.export; users still ask for it, so both are
 # made, and the warning on every jit call (MLflow's included) says nothing new.
@@ -158,17 +142,11 @@ def reproducible_program(program: torch.export.ExportedProgram, prefixes: list[s
 
 
 def check_in_fresh_process(x: torch.Tensor, expected: torch.Tensor, ts: Path, pt2: Path) -> dict[str, float]:
-    """Largest absolute difference from the eager outputs, per export format."""
+    """Largest absolute difference from the eager outputs, per export format (see `tasks/checker.py`)."""
     data = io.BytesIO()
-    torch.save({"x": x, "expected": expected}, data)
+    torch.save({"ts": str(ts.resolve()), "pt2": str(pt2.resolve()), "x": x, "expected": expected}, data)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-c", CHECK, str(ts.resolve()), str(pt2.resolve())],
-            cwd=Path(os.sep),
-            input=data.getvalue(),
-            capture_output=True,
-            timeout=600,
-        )
+        proc = checker.run(data.getvalue(), timeout=600)
     except subprocess.TimeoutExpired:
         raise ExportError("loading the exported model in a fresh process took over 600 s") from None
     if proc.returncode != 0:
@@ -248,10 +226,14 @@ def log_to_mlflow(
 
 
 def run(params: Params, ctx: StepContext = BY_HAND) -> dict:
-    model = inputs.model(params, paths.BEST, made_by="train").eval()
-    run_id = tracking.current_run_id(paths.BEST)
-    with tracking.stage_run(run_id, "export"):  # the pipeline's last step: the run ends with it
-        return _export(params, model, run_id)
+    checker.start_ahead()  # the check's fresh process (unless the flow started it): its imports overlap ours
+    try:
+        model = inputs.model(params, paths.BEST, made_by="train").eval()
+        run_id = tracking.current_run_id(paths.BEST)
+        with tracking.stage_run(run_id, "export"):  # the pipeline's last step: the run ends with it
+            return _export(params, model, run_id)
+    finally:
+        checker.stop_ahead()  # still waiting: the export failed before its check
 
 
 def _export(params: Params, model: torch.nn.Module, run_id: str) -> dict:

@@ -20,8 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError, PipelineError
-
-PARAMS_FILE = Path("params.yaml")
+from tasks.paths import PARAMS_FILE
 
 __all__ = ["PARAMS_FILE", "ConfigError", "Params", "load", "write_overrides"]
 

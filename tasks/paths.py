@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PARAMS_FILE = Path("params.yaml")  # what dvc.yaml's stages read; tasks.params validates it
+
 SPLITS = ("train", "val", "test")
 
 # prepare: each split as uint8 images (N, C, H, W) and int64 labels (N,), memory-mapped .npy files

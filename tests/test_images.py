@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasks import build, evaluate, paths, prepare, train
@@ -279,6 +280,20 @@ def test_data_report_counts_sizes_and_sample_grid(folder):
     assert margin > 10 and all(
         (pixels[round(k * row) + 2 : round((k + 1) * row), :margin] < 128).any() for k in range(3)
     )
+    # Right of the names, each class's first 8 train images as torchvision's make_grid lays them out.
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import make_grid
+
+    images, labels = np.load(paths.images("train")), np.load(paths.labels("train"))
+    tiles = torch.zeros(3 * 8, *images.shape[1:], dtype=torch.uint8)
+    for k in range(3):
+        picked = np.flatnonzero(labels == k)[:8]
+        tiles[k * 8 : k * 8 + picked.size] = torch.from_numpy(images[picked])
+    factor = -(-32 // min(images.shape[2:]))  # small images in big pixels, at least 32 of them
+    size = [images.shape[2] * factor, images.shape[3] * factor]
+    tiles = F.resize(tiles, size, interpolation=F.InterpolationMode.NEAREST)
+    expected = make_grid(tiles, nrow=8, padding=2, pad_value=128).permute(1, 2, 0).numpy()
+    assert (np.array(grid.convert("RGB"))[:, grid.width - expected.shape[1] :] == expected).all()
     assert json.loads(paths.DATA_REPORT.read_text())["skipped"] == []
 
 

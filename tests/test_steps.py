@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import build, evaluate, export, inputs, paths, prepare, tracking, train
+from tasks import build, checker, evaluate, export, inputs, paths, prepare, tracking, train
 from tasks.core.models import build_optimizer
 from tasks.errors import DataError
 from tasks.files import read_json, sha256_file
@@ -139,10 +139,32 @@ def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatc
     # Not rewritten at all: same inode, same modification time, same bytes.
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns, sha256_file(p)) for p in files} == before
     assert not [p for p in paths.EXPORT_INFO.parent.iterdir() if ".tmp" in p.name]
+    assert checker._ahead is None  # nor is the check's process, started ahead and not used, left waiting
     # Nor was anything logged: the two models of the first export are all there is.
     c = tracking.client()
     logged = c.search_logged_models([c.get_experiment_by_name("pipeline").experiment_id])
     assert sorted(m.name for m in logged) == ["model", "torchscript"]
+
+
+def test_the_export_check_uses_the_fresh_process_started_ahead(tmp_path):
+    """The files are loaded in the process started ahead, or else in a new one; an unused one is stopped."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x = torch.randn(4, 1, 4, 4)
+    ts, pt2 = tmp_path / "model.ts", tmp_path / "model.pt2"
+    torch.jit.save(torch.jit.script(model), ts)
+    torch.export.save(torch.export.export(model, (x,)), pt2)
+    with torch.no_grad():
+        expected = model(x)
+    checker.start_ahead()
+    ahead = checker._ahead
+    assert export.check_in_fresh_process(x, expected, ts, pt2) == {"torchscript": 0.0, "torch_export": 0.0}
+    assert ahead.returncode == 0 and checker._ahead is None  # that process did the check, and is gone
+    off = export.check_in_fresh_process(x, expected + 1, ts, pt2)  # none waiting: one is started for it
+    assert off == pytest.approx({"torchscript": 1.0, "torch_export": 1.0})
+    checker.start_ahead()
+    unused = checker._ahead
+    checker.stop_ahead()
+    assert unused.poll() is not None and checker._ahead is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
