@@ -213,12 +213,7 @@ def fit(params: Params, device: torch.device, run: Run, resume: dict | None, key
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
         torch.backends.cudnn.benchmark = not cfg.deterministic
-    if cfg.compile:
-        torch.use_deterministic_algorithms(cfg.deterministic)  # also sets TorchInductor's own flag
-    else:
-        # The same switch without TorchInductor's config, which only torch.compile reads: importing
-        # it imports torch._dynamo, 1.2 s of a `dvc repro` train stage.
-        torch._C._set_deterministic_algorithms(cfg.deterministic)
+    torch.use_deterministic_algorithms(cfg.deterministic)
     torch.manual_seed(params.seed)
     host: dict = {}  # Python's and numpy's generators as this epoch started (see checkpoint.seed_host)
 
