@@ -498,11 +498,18 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
         tests = [Metric(k, v, now, 0) for k, v in source.data.metrics.items() if re.fullmatch(r"test/[^/]+", k)]
         c.log_batch(run_id, metrics=tests)
         outputs = source.outputs.model_outputs if source.outputs else []
-        # Only the models that run logged itself and finished: not those it carried over in turn.
+        # The finished models exported from these very weights: those that run logged, or carried over
+        # in turn from an earlier run of the same weights (a third run of them finds the second first).
         models = [c.get_logged_model(m.model_id) for m in outputs]
-        own = [m for m in models if m.source_run_id == source.info.run_id and str(m.status) == "READY"]
-        if own:
-            c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in own])
+        same = {source.info.run_id} | {
+            m.source_run_id
+            for m in models
+            if m.source_run_id != source.info.run_id
+            and c.get_run(m.source_run_id).data.tags.get(MODEL_TAG) == model_sha256
+        }
+        ready = [m for m in models if m.source_run_id in same and str(m.status) == "READY"]
+        if ready:
+            c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in ready])
     with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:  # older runs have no table
         log_table(run_id, Path(c.download_artifacts(source.info.run_id, "per_class.json", tmp)))
     # export's tags too: the files' hashes, and that the export check passed (what promote requires)

@@ -369,6 +369,15 @@ def test_a_param_that_changes_no_weight_links_the_earlier_results(changed):
     assert {m.model_id for m in new.outputs.model_outputs} == {m.model_id for m in earlier.outputs.model_outputs}
     assert f"the same weights as MLflow run {earlier.info.run_id}" in out
 
+    # Once more: the latest run with results is now the one that carried them over; its models still come.
+    set_param(path, "keep: 3", "keep: 4")
+    dvc("repro", cwd=path)
+    c, runs = mlflow_runs(path)
+    third = runs[-1]
+    assert third.data.tags["pipeline.same_model_as"] == new.info.run_id
+    assert third.data.metrics["test/accuracy"] == earlier.data.metrics["test/accuracy"]
+    assert {m.model_id for m in third.outputs.model_outputs} == {m.model_id for m in earlier.outputs.model_outputs}
+
 
 def test_no_telemetry_is_configured():
     assert "analytics = false" in (Path(__file__).resolve().parents[1] / ".dvc/config").read_text()
