@@ -508,6 +508,11 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
             and c.get_run(m.source_run_id).data.tags.get(MODEL_TAG) == model_sha256
         }
         ready = [m for m in models if m.source_run_id in same and str(m.status) == "READY"]
+        # A resumed run may hold them already (its export failed after this), and MLflow would add
+        # each again, which its store refuses (a UNIQUE constraint on the inputs table).
+        run = c.get_run(run_id)
+        held = {m.model_id for m in run.outputs.model_outputs} if run.outputs else set()
+        ready = [m for m in ready if m.model_id not in held]
         if ready:
             c.log_outputs(run_id, [LoggedModelOutput(m.model_id, step=0) for m in ready])
     with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:  # older runs have no table

@@ -146,6 +146,26 @@ def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatc
     assert sorted(m.name for m in logged) == ["model", "torchscript"]
 
 
+def test_training_again_after_a_failed_export_goes_on_in_its_run(project, monkeypatch):
+    """A retrained model whose export failed: the next train resumes that run, which holds models already."""
+    params = load()
+    for step in (prepare, build, train, evaluate, export):
+        step.run(params)
+    train.run(params)  # the same weights: a new run, given the first run's test metrics and models
+    second = tracking.current_run_id(paths.BEST)
+    with monkeypatch.context() as m, pytest.raises(export.ExportError):
+        m.setattr(export, "check_in_fresh_process", lambda *a: {"torchscript": 0.0, "torch_export": 0.5})
+        export.run(params)  # the run ends FAILED, after its training finished
+    train.run(params)  # resumes that run to write its outputs (it was a TrackingError: UNIQUE constraint failed)
+    run = tracking.client().get_run(second)
+    assert tracking.current_run_id(paths.BEST) == second and run.info.status == "FINISHED"
+    assert sorted(tracking.client().get_logged_model(m.model_id).name for m in run.outputs.model_outputs) == [
+        "model",
+        "torchscript",
+    ]
+    export.run(params)  # and the pipeline goes on
+
+
 def test_the_export_check_uses_the_fresh_process_started_ahead(tmp_path):
     """The files are loaded in the process started ahead, or else in a new one; an unused one is stopped."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
