@@ -458,20 +458,17 @@ def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[
     }
     if url := url_for("flow-run", obj_id=flow_run.id):  # None without a server (Prefect's ephemeral mode)
         tags["prefect.flow_run_url"] = url
-    with contextlib.ExitStack() as stack:
-        checking = False
+    try:
         for stage in STAGES:
             if repo is not None and not force and not repo.status(targets=[stage]) and not missing_from_run(stage):
                 STEP_TASKS[stage](stage, params_path, tags, up_to_date=True)
                 logger.info(f"{stage}: up to date", extra={"stage": stage})  # the terminal drops "stage: "
                 results[stage] = "up to date"
                 continue
-            if not checking and STAGES.index(stage) <= STAGES.index("export"):
-                # Export's fresh process, started with the first step: its imports (about 3 s) use the
-                # core that this process leaves idle now, instead of adding to the export's time.
+            if STAGES.index(stage) <= STAGES.index("export"):
+                # Export's fresh process, started with the first step (later ones find it waiting): its
+                # imports (about 3 s) use the core that this process leaves idle now, not the export's time.
                 checker.start_ahead()
-                stack.callback(checker.stop_ahead)  # unused when the export turns out up to date
-                checking = True
             try:
                 results[stage] = STEP_TASKS[stage](stage, params_path, tags)
             except PipelineError as exc:
@@ -480,6 +477,8 @@ def run_steps(repo: Any, path: Path, params: Params, force: bool, results: dict[
             if repo is not None:
                 repo.commit(stage, force=True)
                 logger.info(f"{stage}: committed to dvc.lock", extra={"stage": stage})
+    finally:
+        checker.stop_ahead()  # unused when the export turned out up to date or did not run
     results_artifact(name, before, results)
 
 

@@ -501,12 +501,8 @@ def carry_over(run_id: str, model_sha256: str) -> str | None:
         # The finished models exported from these very weights: those that run logged, or carried over
         # in turn from an earlier run of the same weights (a third run of them finds the second first).
         models = [c.get_logged_model(m.model_id) for m in outputs]
-        same = {source.info.run_id} | {
-            m.source_run_id
-            for m in models
-            if m.source_run_id != source.info.run_id
-            and c.get_run(m.source_run_id).data.tags.get(MODEL_TAG) == model_sha256
-        }
+        others = {m.source_run_id for m in models} - {source.info.run_id}
+        same = {source.info.run_id} | {r for r in others if c.get_run(r).data.tags.get(MODEL_TAG) == model_sha256}
         ready = [m for m in models if m.source_run_id in same and str(m.status) == "READY"]
         # A resumed run may hold them already (its export failed after this), and MLflow would add
         # each again, which its store refuses (a UNIQUE constraint on the inputs table).
