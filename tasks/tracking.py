@@ -399,7 +399,14 @@ def log_datasets(run_id: str, records: list[dict[str, Any]]) -> None:
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATA_CONTEXT[r["split"]])]))
     with store():
-        client().log_inputs(run_id, datasets=inputs)
+        try:
+            client().log_inputs(run_id, datasets=inputs)
+        except Exception as exc:
+            # Two runs logging a data set new to the experiment at the same moment (a sweep's trials)
+            # both insert it, and the store keeps the first; the second attempt finds it there.
+            if "UNIQUE constraint failed: datasets." not in str(exc) and '"dataset_pk"' not in str(exc):
+                raise
+            client().log_inputs(run_id, datasets=inputs)
 
 
 def log_artifacts(run_id: str, folder: str, paths: list[Path]) -> None:

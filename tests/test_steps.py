@@ -166,6 +166,35 @@ def test_training_again_after_a_failed_export_goes_on_in_its_run(project, monkey
     export.run(params)  # and the pipeline goes on
 
 
+def test_a_data_set_that_another_run_inserted_meanwhile_is_logged_on_a_second_try(project, monkeypatch):
+    """A sweep's trials log the same new data set at once: the store keeps one insert, the other run tries again."""
+    from mlflow.exceptions import MlflowException
+
+    params = load()
+    for step in (prepare, build, train):
+        step.run(params)
+    run_id = tracking.current_run_id(paths.BEST)
+    c = tracking.client()
+    real, calls = type(c).log_inputs, []
+
+    def racing(self, run, datasets=None, models=None, error="UNIQUE constraint failed: datasets.experiment_id"):
+        calls.append(run)
+        if len(calls) == 1:
+            raise MlflowException(f"(sqlite3.IntegrityError) {error}, datasets.name, datasets.digest")
+        return real(self, run, datasets=datasets, models=models)
+
+    monkeypatch.setattr(type(c), "log_inputs", racing)
+    record = inputs.split_record("test")
+    tracking.log_datasets(run_id, [record])
+    assert len(calls) == 2 and record["name"] in {d.dataset.name for d in c.get_run(run_id).inputs.dataset_inputs}
+
+    calls.clear()  # any other failure is not retried: one line naming the store
+    monkeypatch.setattr(type(c), "log_inputs", lambda self, run, **kw: racing(self, run, error="disk I/O error", **kw))
+    with pytest.raises(tracking.TrackingError, match="disk I/O error"):
+        tracking.log_datasets(run_id, [record])
+    assert len(calls) == 1
+
+
 def test_the_export_check_uses_the_fresh_process_started_ahead(tmp_path):
     """The files are loaded in the process started ahead, or else in a new one; an unused one is stopped."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
