@@ -45,7 +45,7 @@ STAGES = ("prepare", "build", "train", "evaluate", "export", "promote")
 ENTRY_POINTS = (
     "tasks",
     "tasks.reproduce",
-    "tasks.promote",
+    "tasks.lineage",
     "flows.pipeline",
     "flows.sweep",
     "flows.score",

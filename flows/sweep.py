@@ -35,10 +35,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tasks.paths import PARAMS_FILE
 
-from tasks.errors import ConfigError, PipelineError
-from tasks.params import PARAMS_FILE, Params, load
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/lr.yaml")
+    p.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params the trials start from (%(default)s)")
+    p.add_argument("--parallel", type=int, help="trials at once (default: the file's `parallel`, or up to 4 cores)")
+    p.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the trials on Dask: a local cluster, or the scheduler at ADDRESS (tcp://host:8786)",
+    )
+    p.add_argument("--fresh", action="store_true", help="forget the trials this sweep finished before; run them all")
+    return p
+
+
+if __name__ == "__main__":
+    ARGS = parser().parse_args()  # --help before pydantic and the rest (a tenth of a second)
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator  # noqa: E402
+
+from tasks.errors import ConfigError, PipelineError  # noqa: E402
+from tasks.params import Params, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(".sweeps")
@@ -296,28 +318,11 @@ def make_plan(path: Path, params_path: Path = PARAMS_FILE, parallel: int | None 
     return Plan(path, spec, name, base, trials, key, folder, parallel, max(1, cores // parallel))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/lr.yaml")
-    p.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params the trials start from (%(default)s)")
-    p.add_argument("--parallel", type=int, help="trials at once (default: the file's `parallel`, or up to 4 cores)")
-    p.add_argument(
-        "--dask",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="run the trials on Dask: a local cluster, or the scheduler at ADDRESS (tcp://host:8786)",
-    )
-    p.add_argument("--fresh", action="store_true", help="forget the trials this sweep finished before; run them all")
-    return p
-
-
 if __name__ == "__main__":
-    # Answer --help and refuse a bad sweep file before the imports below, which take seconds.
+    # Refuse a bad sweep file before the imports below, which take seconds.
     from flows.server import ensure_server
     from tasks.cli import user_errors
 
-    ARGS = parser().parse_args()
     with user_errors():
         if ARGS.parallel is not None and ARGS.parallel < 1:
             raise ConfigError(f"--parallel {ARGS.parallel}: give 1 or more")
