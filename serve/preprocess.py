@@ -23,9 +23,12 @@ import io
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch  # imported by the functions that need it: prepare on the digits needs none
 
 _PILLOW_LIMIT = threading.Lock()
 IGNORED = {"Thumbs.db", "desktop.ini", "__MACOSX"}  # besides hidden files (".DS_Store", "._photo.jpg")
@@ -56,6 +59,12 @@ class Decoded:
     reason: str = ""
 
 
+def changes(shape: tuple[int, ...], channels: int, size: int | None) -> bool:
+    """Whether `fit` changes images of this (C, H, W) or (N, C, H, W) shape: their channels or their size."""
+    h, w = shape[-2:]
+    return shape[-3] != channels or (size is not None and (h != size or w != size))
+
+
 def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> torch.Tensor:
     """A uint8 (C, H, W) or (N, C, H, W) tensor with `channels` channels and `size` x `size` pixels.
 
@@ -63,7 +72,7 @@ def fit(image: torch.Tensor, channels: int, size: int | None, policy: str) -> to
     and pads with black; `stretch` resizes each side on its own, ignoring the aspect ratio.
     """
     h, w = image.shape[-2:]
-    if image.shape[-3] == channels and (size is None or (h == size and w == size)):
+    if not changes(tuple(image.shape), channels, size):
         return image.contiguous()  # the digits and MNIST as they come: no torchvision import (about 1 s)
     from torchvision.transforms.v2 import functional as F
 

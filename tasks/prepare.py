@@ -28,7 +28,7 @@ import numpy as np
 from serve import preprocess
 from tasks import BY_HAND, StepContext, paths
 from tasks.core import sources
-from tasks.core.data import channel_stats, rows_per_chunk, stratified_split
+from tasks.core.arrays import channel_stats, rows_per_chunk, stratified_split
 from tasks.errors import DataError
 from tasks.files import csv_cell, file_hashes, json_text, staged
 from tasks.params import Params
@@ -72,15 +72,17 @@ def load(cfg, scratch: Path) -> dict:
     root = Path(cfg.root)
     if cfg.dataset == "imagefolder":
         return load_folder(cfg, root, scratch)
-    import torch
-
     if cfg.dataset == "digits":
         arrays = sources.digits()
     else:
         arrays = sources.mnist(root, cfg.dataset == "fashion_mnist", cfg.download)
 
     channels = cfg.channels or arrays.images.shape[1]
-    fitted = preprocess.fit(torch.from_numpy(arrays.images), channels, cfg.image_size, cfg.resize).numpy()
+    fitted = arrays.images
+    if preprocess.changes(fitted.shape, channels, cfg.image_size):  # else no torch in this process (1.2-1.8 s)
+        import torch
+
+        fitted = preprocess.fit(torch.from_numpy(fitted), channels, cfg.image_size, cfg.resize).numpy()
     n = len(arrays.labels)
     h, w = arrays.images.shape[2:]
     return {

@@ -8,8 +8,8 @@ one-line error and exit code.
 
 - `sources`: the raw data (scikit-learn digits, MNIST/FashionMNIST IDX files, an image folder)
   and decoding images once, with every bad file named and its reason given.
-- `data`: the stratified split, the memory-mapped `Dataset`, the epoch sampler, augmentation and
-  the loaders.
+- `arrays`: the stratified split and the per-channel statistics, in numpy (prepare needs no torch).
+- `data`: the memory-mapped `Dataset`, the epoch sampler, augmentation and the loaders.
 - `models`: the architectures (cnn, mlp, torchvision's resnet18 and mobilenet_v3_small), loss
   and optimizer.
 - `loops`: one epoch of training with the recipe (accumulation, mixed precision, clipping, the

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from serve import preprocess
 from serve.preprocess import Decoded, ignored
@@ -204,6 +203,8 @@ def decode(root: Path, rel: str, channels: int, size: int, policy: str, max_pixe
 
 
 def _decode_many(args: tuple) -> list[Decoded]:
+    import torch  # decoding resizes with torchvision: torch is needed here, not for data that is arrays already
+
     root, rels, channels, size, policy, max_pixels = args
     torch.set_num_threads(1)  # one process per core already
     return [decode(root, rel, channels, size, policy, max_pixels) for rel in rels]
@@ -242,6 +243,8 @@ def decode_folder(
             progress(len(results))
 
     if workers <= 1 or len(jobs) <= 1:
+        import torch
+
         threads = torch.get_num_threads()
         try:
             for job in jobs:
