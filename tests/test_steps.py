@@ -168,6 +168,7 @@ def test_export_that_does_not_match_keeps_the_previous_files(project, monkeypatc
     assert sorted(m.name for m in logged) == ["model", "torchscript"]
 
 
+@pytest.mark.slow  # every step, two exports: 12 s
 def test_training_again_after_a_failed_export_goes_on_in_its_run(project, monkeypatch):
     """A retrained model whose export failed: the next train resumes that run, which holds models already."""
     params = load()
