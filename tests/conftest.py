@@ -144,6 +144,26 @@ def python(*args: str, cwd: Path, env: dict | None = None, check: bool = False) 
     return sh(sys.executable, *args, cwd=cwd, env=env, check=check)
 
 
+def run_module(
+    module: str, args: list[str], cwd: Path, env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -m MODULE ARGS`, and the top-level packages the process had imported when it exited.
+
+    The names are written at exit to a file of their own, so the command's output is its own.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        names = Path(tmp) / "imported"
+        probe = (
+            "import atexit, runpy, sys\n"
+            f"atexit.register(lambda: open({str(names)!r}, 'w').write('\\n'.join(sorted(sys.modules))))\n"
+            f"sys.argv = [{module!r}, *{args!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True)
+        imported = {name.split(".")[0] for name in names.read_text().split()} if names.exists() else set()
+    return proc, imported
+
+
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     """The single `error: ...` line an entry point prints for an expected failure (and nothing like a traceback)."""
     assert "Traceback" not in proc.stderr, proc.stderr

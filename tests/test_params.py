@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.params import ConfigError, Params, load, write_overrides
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT_ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}  # the entry points must fail before any server
@@ -148,17 +149,12 @@ def test_write_overrides_refuses_a_read_only_file_instead_of_replacing_it(tmp_pa
 def test_entry_points_reject_a_bad_key_without_importing_heavy_libraries(tmp_path, entry):
     """Exit code 2, one line on stderr, no file written, and torch/Prefect/MLflow never imported."""
     full(tmp_path)
-    probe = (
-        "import runpy, sys, atexit\n"
-        "atexit.register(lambda: print(sorted({'torch', 'prefect', 'mlflow'} & set(sys.modules))))\n"
-        f"sys.argv = ['x'] + {entry[2:]!r} + ['--set', 'train.epocs=4']\n"
-        f"runpy.run_module({entry[1]!r}, run_name='__main__', alter_sys=True)\n"
-    )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
+    proc, imported = run_module(entry[1], [*entry[2:], "--set", "train.epocs=4"], cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)"
-    assert proc.stdout.strip() == "[]"
+    assert proc.stdout == ""
+    assert not {"torch", "prefect", "mlflow"} & imported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -180,17 +176,10 @@ def entry_points() -> tuple[str, ...]:
 @pytest.mark.parametrize("module", entry_points())
 def test_help_of_every_entry_point_imports_no_heavy_library(module):
     """`--help` in about a tenth of a second: none of torch, Prefect, MLflow, DVC, pydantic, numpy is imported."""
-    probe = (
-        "import runpy, sys, atexit\n"
-        "heavy = {'torch', 'prefect', 'mlflow', 'dvc', 'pydantic', 'numpy'}\n"
-        "atexit.register(lambda: print(sorted(heavy & set(sys.modules)), file=sys.stderr))\n"
-        "sys.argv = ['x', '--help']\n"
-        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0
+    proc, imported = run_module(module, ["--help"], cwd=ROOT)
+    assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith("usage: ")
-    assert proc.stderr.strip() == "[]"
+    assert not {"torch", "prefect", "mlflow", "dvc", "pydantic", "numpy"} & imported
 
 
 def test_write_overrides_keeps_the_files_permissions_and_writes_through_a_symlink(tmp_path):
