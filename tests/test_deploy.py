@@ -55,6 +55,9 @@ def deployed(project: Path, home: Path, workers: int = 1, env: dict | None = Non
     """deploy.sh and `workers` worker.sh as the README runs them, on a free port; yields (API URL, deployment)."""
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **(env or {})}
     env.update({"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port()), "VENV": sys.prefix})
+    # Shorter waits than a real deployment's, the same behaviour: workers ask for work every second
+    # (not 10), and a run that finds the deployment's one slot taken asks again after 2 s (not 30).
+    env.update({"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"})
     url = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
     started = []
     try:
