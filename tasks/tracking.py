@@ -97,6 +97,30 @@ def _reason(exc: BaseException) -> str:
     return text.strip().splitlines()[0][:200]
 
 
+SCHEMA = re.compile(r"out-of-date database schema \(found version (\w+), but expected (\w+)\)")
+
+
+def _schema_mismatch(found: str, expected: str) -> str:
+    """What to do with a store whose schema is not this MLflow's: upgrade an older one, or use a newer MLflow.
+
+    MLflow calls both "out-of-date" and tells to upgrade, which cannot work on a store written by a
+    newer MLflow (a store shared with another environment): its revision is none of this MLflow's.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    if any(versions.glob(f"{found}_*.py")):
+        return (
+            f"its database schema ({found}) is from an older MLflow than this one ({mlflow.__version__}, "
+            f"schema {expected}); back it up, then upgrade it: mlflow db upgrade {uri}"
+        )
+    return (
+        f"its database schema ({found}) is newer than this MLflow ({mlflow.__version__}) knows: a newer MLflow "
+        f"wrote it, and this one cannot read it; use that MLflow version"
+    )
+
+
 @contextmanager
 def store() -> Iterator[None]:
     """Turn failures of the tracking store into one TrackingError naming the store."""
@@ -106,6 +130,9 @@ def store() -> Iterator[None]:
         raise
     except Exception as exc:
         reason = _reason(exc)
+        if schema := SCHEMA.search(reason):
+            reason, hint = _schema_mismatch(*schema.groups()), "or point MLFLOW_TRACKING_URI at another store"
+            raise TrackingError(f"MLflow store {tracking_uri()}: {reason}, {hint}") from None
         if "readonly" in reason:
             hint = "make the file and its folder writable"
         elif "error code 401" in reason:

@@ -8,6 +8,7 @@ MLflow run left RUNNING).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -317,6 +318,36 @@ def test_an_unwritable_store_is_one_line_and_changes_nothing(trained, tmp_path, 
     line = one_line_error(proc)
     assert line.startswith(f"error: {stage}: MLflow store sqlite:///{tmp_path / 'mlflow.db'}: ")
     assert "readonly database; make the file and its folder writable" in line
+    assert snapshot(trained) == before and not leftovers(trained)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("made_by", ["newer", "older"])
+def test_a_store_of_another_mlflow_version_says_which_and_what_to_do(trained, tmp_path, made_by):
+    """A store shared with an environment that has another MLflow: MLflow says "out-of-date" and "upgrade" for
+    both, which cannot work on a newer store; the line says which it is, and the fix for that."""
+    import sqlite3
+
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    # A revision this MLflow has never heard of (a newer MLflow's), or one of its own older ones.
+    versions = sorted((Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions").glob("*_*.py"))
+    revision = "f4a9b2c7d1e6" if made_by == "newer" else versions[0].name.split("_")[0]
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    before = snapshot(trained)
+    proc = python("-m", "tasks", "evaluate", cwd=trained)
+    assert proc.returncode == 7
+    line = one_line_error(proc)
+    assert line.startswith(f"error: evaluate: MLflow store sqlite:///{db}: its database schema ({revision}) is ")
+    assert line.endswith(", or point MLFLOW_TRACKING_URI at another store")
+    if made_by == "newer":
+        assert f"newer than this MLflow ({mlflow.__version__}) knows" in line and "use that MLflow version" in line
+        assert "upgrade" not in line  # MLflow's own advice, which fails on a newer store
+    else:
+        assert f"from an older MLflow than this one ({mlflow.__version__}" in line
+        assert f"back it up, then upgrade it: mlflow db upgrade sqlite:///{db}" in line
     assert snapshot(trained) == before and not leftovers(trained)
 
 
