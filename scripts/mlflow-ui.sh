@@ -14,6 +14,11 @@ for arg in "$@"; do
   case "$arg" in --port=*) port="${arg#--port=}" ;; esac
   previous="$arg"
 done
-MLFLOW_UI_URL="${MLFLOW_UI_URL:-http://127.0.0.1:$port}" \
-  python -c 'from tasks.tracking import runs_list_link; print("MLflow UI: open", runs_list_link())' || true
+# A store that exists but cannot be opened (made by another MLflow, unreadable) stops here, in one line.
+MLFLOW_UI_URL="${MLFLOW_UI_URL:-http://127.0.0.1:$port}" python -c '
+from tasks.cli import user_errors
+from tasks.tracking import ui_link
+with user_errors():
+    print("MLflow UI: open", ui_link())
+'
 exec mlflow ui --backend-store-uri "${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 "$@"

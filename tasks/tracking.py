@@ -289,6 +289,19 @@ def runs_list_link() -> str:
     return runs_list_url(experiment.experiment_id) if experiment else ui_url()
 
 
+def ui_link() -> str:
+    """What `scripts/mlflow-ui.sh` prints before it starts the UI: `runs_list_link()`, after opening the store.
+
+    A store that exists but cannot be opened (another MLflow's schema, an unreadable file) raises
+    its one-line TrackingError here, instead of the UI failing with MLflow's traceback after the link.
+    """
+    db = _sqlite_path(tracking_uri())
+    if db is not None and db.exists():
+        with store():
+            client().search_experiments(max_results=1)
+    return runs_list_link()
+
+
 def runs_list_url(experiment_id: str, base: str | None = None) -> str:
     """The experiment's runs list in the MLflow UI, with the main params and metrics as columns."""
     return f"{base or ui_url()}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{UI_MODE}"

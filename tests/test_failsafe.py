@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from tasks import build, evaluate, export, paths, prepare, tracking, train
 from tasks.errors import InputError, OutputError, TrackingError, TrainingError
 from tasks.files import process_id, sha256_file, staged
 from tasks.params import load
-from tests.conftest import immutable, leftovers, one_line_error, python, snapshot, start, wait_for
+from tests.conftest import free_port, immutable, leftovers, one_line_error, python, sh, snapshot, start, wait_for
 
 
 def runs(status: str | None = None) -> list:
@@ -349,6 +350,11 @@ def test_a_store_of_another_mlflow_version_says_which_and_what_to_do(trained, tm
         assert f"from an older MLflow than this one ({mlflow.__version__}" in line
         assert f"back it up, then upgrade it: mlflow db upgrade sqlite:///{db}" in line
     assert snapshot(trained) == before and not leftovers(trained)
+    # The MLflow UI script says the same, instead of printing a link and then MLflow's traceback.
+    env = {**os.environ, "VENV": sys.prefix}
+    ui = sh("bash", "scripts/mlflow-ui.sh", "--port", str(free_port()), cwd=trained, env=env, check=False)
+    assert ui.returncode == 7 and ui.stdout == ""
+    assert ui.stderr.strip() == line.replace("error: evaluate: ", "error: ")
 
 
 @pytest.mark.slow
