@@ -331,7 +331,9 @@ if __name__ == "__main__":
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.urls import url_for  # noqa: E402
 
 from flows import logs  # noqa: E402
@@ -665,6 +667,8 @@ def sweep(
     )
     (plan.folder / "stop").unlink(missing_ok=True)  # left by the last stop: this start runs
     runner.STOPPING.clear()
+    if isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner):
+        runner.forkserver()  # trials in this process: the server that forks them imports while the sweep sets up
     if fresh:  # under the lock: never the folder of a sweep that is running
         for entry in plan.folder.iterdir():
             if entry.name != "lock":

@@ -163,9 +163,47 @@ def test_a_sweep_on_dask_is_one_parent_run_with_a_nested_run_per_trial_and_a_res
     assert not (project / "models").exists() and not (project / "dvc.lock").exists()
 
 
-def trial_processes(project: Path) -> list[str]:
-    out = sh("ps", "-eo", "args", cwd=project).stdout
-    return [line for line in out.splitlines() if "flows.trial" in line]
+def sweep_processes(project: Path) -> list[str]:
+    """The processes working in the project's sweeps (the trials, however started), and a forkserver left there."""
+    found = []
+    project = project.resolve()
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = (proc / "cwd").resolve(strict=True)
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not a process
+            continue
+        if cwd.is_relative_to(project / ".sweeps") or (cwd == project and "multiprocessing.forkserver" in args):
+            found.append(f"{proc.name} in {cwd}: {args[:100]}")
+    return found
+
+
+def wait_until_gone(project: Path, seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (left := sweep_processes(project)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_leaves_no_trial_running_and_its_runs_killed(prefect_api, project):
+    """SIGKILL gives the sweep no chance to stop its trials: each trial sees its parent go, and stops itself."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    spec = write(project, "long.yaml", "params:\n  train.epochs: 100\nspace:\n  train.lr: [0.001, 0.003]\n")
+    sweep = start("-m", "flows.sweep", spec, "--parallel", "2", cwd=project, env=env)
+    deadline = time.monotonic() + 300
+    while len(list(project.glob(".sweeps/long-*/trial-*/models/train/checkpoints/*.pt"))) < 2:
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[0]
+        time.sleep(0.2)
+    running = sweep_processes(project)
+    assert sum("trial-" in p for p in running) == 2, running
+    sweep.kill()
+    sweep.communicate()
+    assert wait_until_gone(project, 20) == []
+    (note,) = project.glob(".sweeps/long-*/sweep.json")
+    trials = sweep_runs(json.loads(note.read_text())["run_id"])
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}
+    assert not list(project.glob(".sweeps/long-*/trial-*/result.json"))  # stopped from outside: no result, runs again
 
 
 @pytest.mark.slow
@@ -182,11 +220,11 @@ def test_a_stopped_sweep_stops_its_trials_resumes_them_and_keeps_a_failed_trial_
     ):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
         time.sleep(0.2)
+    assert any("trial-1" in p for p in sweep_processes(project))  # training
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 143, out
-    time.sleep(1)
-    assert trial_processes(project) == []  # no training goes on without the sweep
+    assert wait_until_gone(project, 10) == []  # no training goes on without the sweep
     (note,) = project.glob(".sweeps/lr-*/sweep.json")
     parent = json.loads(note.read_text())["run_id"]
     before = {r.data.tags["sweep.trial"]: r for r in sweep_runs(parent)}
