@@ -186,19 +186,27 @@ def wait_until_gone(project: Path, seconds: float) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_leaves_no_trial_running_and_its_runs_killed(prefect_api, project):
-    """SIGKILL gives the sweep no chance to stop its trials: each trial sees its parent go, and stops itself."""
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_a_killed_or_interrupted_sweep_leaves_no_trial_running_and_its_runs_killed(prefect_api, project, how):
+    """SIGKILL gives the sweep no chance to stop its trials: each trial sees its parent go, and stops itself.
+    A terminal's Ctrl-C reaches the sweep and its trials at once, and then the sweep's SIGTERM reaches each
+    trial: the trial stops cleanly on the first and ignores the second (which had left its run FAILED)."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     spec = write(project, "long.yaml", "params:\n  train.epochs: 100\nspace:\n  train.lr: [0.001, 0.003]\n")
-    sweep = start("-m", "flows.sweep", spec, "--parallel", "2", cwd=project, env=env)
+    sweep = start("-m", "flows.sweep", spec, "--parallel", "2", cwd=project, env=env, session=True)
     deadline = time.monotonic() + 300
     while len(list(project.glob(".sweeps/long-*/trial-*/models/train/checkpoints/*.pt"))) < 2:
         assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[0]
         time.sleep(0.2)
     running = sweep_processes(project)
     assert sum("trial-" in p for p in running) == 2, running
-    sweep.kill()
-    sweep.communicate()
+    if how == "SIGKILL":
+        sweep.kill()
+    else:
+        os.killpg(sweep.pid, signal.SIGINT)  # as a terminal does: the whole process group
+    out, _ = sweep.communicate(timeout=120)
+    if how == "Ctrl-C":
+        assert sweep.returncode == 130 and "error: sweep long interrupted (Ctrl-C)" in out, out
     assert wait_until_gone(project, 20) == []
     (note,) = project.glob(".sweeps/long-*/sweep.json")
     trials = sweep_runs(json.loads(note.read_text())["run_id"])
