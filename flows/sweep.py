@@ -796,6 +796,8 @@ def main(args: argparse.Namespace) -> None:
     stop_on_sigterm()
     with user_errors():
         plan = make_plan(args.sweep, args.params, args.parallel)
+        if args.dask is None:
+            runner.forkserver()  # its imports overlap the flow's start, not only the sweep's set-up
         executor = task_runner(args.dask, plan.parallel)
         try:
             sweep.with_options(task_runner=executor)(
