@@ -100,24 +100,25 @@ def _reason(exc: BaseException) -> str:
 SCHEMA = re.compile(r"out-of-date database schema \(found version (\w+), but expected (\w+)\)")
 
 
-def _schema_mismatch(found: str, expected: str) -> str:
-    """What to do with a store whose schema is not this MLflow's: upgrade an older one, or use a newer MLflow.
+def _schema_mismatch(found: str, expected: str) -> tuple[str, str]:
+    """(reason, hint) for a store whose schema is not this MLflow's: upgrade an older one, or use a newer MLflow.
 
     MLflow calls both "out-of-date" and tells to upgrade, which cannot work on a store written by a
     newer MLflow (a store shared with another environment): its revision is none of this MLflow's.
     """
     import mlflow
 
-    uri = tracking_uri()
     versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
     if any(versions.glob(f"{found}_*.py")):
         return (
-            f"its database schema ({found}) is from an older MLflow than this one ({mlflow.__version__}, "
-            f"schema {expected}); back it up, then upgrade it: mlflow db upgrade {uri}"
+            f"its database schema ({found}) is from an older MLflow than this one ({mlflow.__version__}, schema "
+            f"{expected})",
+            f"back it up, then upgrade it: mlflow db upgrade {tracking_uri()}",
         )
     return (
         f"its database schema ({found}) is newer than this MLflow ({mlflow.__version__}) knows: a newer MLflow "
-        f"wrote it, and this one cannot read it; use that MLflow version"
+        "wrote it, and this one cannot read it",
+        "use that MLflow version",
     )
 
 
@@ -131,9 +132,8 @@ def store() -> Iterator[None]:
     except Exception as exc:
         reason = _reason(exc)
         if schema := SCHEMA.search(reason):
-            reason, hint = _schema_mismatch(*schema.groups()), "or point MLFLOW_TRACKING_URI at another store"
-            raise TrackingError(f"MLflow store {tracking_uri()}: {reason}, {hint}") from None
-        if "readonly" in reason:
+            reason, hint = _schema_mismatch(*schema.groups())
+        elif "readonly" in reason:
             hint = "make the file and its folder writable"
         elif "error code 401" in reason:
             hint = "the server wants a user: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
