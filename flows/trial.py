@@ -42,7 +42,7 @@ LASTING = (ConfigError, DataError, TrainingError, ExportError)
 
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILDREN: set[Any] = set()  # the trial processes this process started (Popen or Process): stopped with the sweep
+CHILDREN: set[Any] = set()  # the trial processes this process started (Popen or Forked): stopped with the sweep
 STOPPING = threading.Event()  # set, under CHILDREN_LOCK, when the sweep stops: no trial process starts after it
 CHILDREN_LOCK = threading.Lock()
 # What a trial imports (about 5 s on 2 cores: torch, torch._dynamo, torchmetrics with torchvision, scipy and
@@ -102,10 +102,9 @@ def start(folder: Path, stages: list[str], threads: int, store: str) -> int:
         if STOPPING.is_set():
             raise BusyError("the sweep is stopping: no trial starts now")
         if warm(stages):
-            proc: Any = forkserver().Process(
-                target=forked, args=(str(folder), stages, threads, store), name=f"trial {folder.name}"
+            proc: Any = Forked(
+                forkserver().Process(target=forked, args=(str(folder), stages, threads, store), name=folder.name)
             )
-            proc.start()
         else:
             env = {**os.environ, **environment(threads, store)}
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -116,18 +115,30 @@ def start(folder: Path, stages: list[str], threads: int, store: str) -> int:
                 )  # fmt: skip
         CHILDREN.add(proc)
     try:
-        if isinstance(proc, subprocess.Popen):
-            return proc.wait()
-        proc.join()
-        return proc.exitcode
+        return proc.wait()
     finally:
-        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-            proc.terminate()  # this thread was stopped: the trial goes too, marking its MLflow run KILLED
-            proc.wait()
-        elif not isinstance(proc, subprocess.Popen) and proc.exitcode is None:
+        if proc.poll() is None:  # this thread was stopped: the trial goes too, marking its MLflow run KILLED
             proc.terminate()
-            proc.join()
+            proc.wait()
         CHILDREN.discard(proc)
+
+
+class Forked:
+    """A started `multiprocessing.Process`, waited for and stopped as a `subprocess.Popen` is."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        process.start()
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()
 
 
 def forked(folder: str, stages: list[str], threads: int, store: str) -> None:
