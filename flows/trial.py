@@ -1,6 +1,6 @@
 """One trial of a sweep, in its own process and its own folder: `python -m flows.trial STAGE...`.
 
-`flows/sweep.py` starts it with the trial's folder as the working directory: forked from Python's
+`flows/sweep_flow.py` starts it with the trial's folder as the working directory: forked from Python's
 forkserver, which has imported torch, MLflow and torchmetrics once for the whole sweep (`start`), or
 as that command on a Dask worker. The folder holds the
 trial's `params.yaml` and `trial.json` (the tags of its MLflow run: its parent run, its name), and
