@@ -58,7 +58,7 @@ def main() -> None:
     with user_errors():  # a bad sweep file is refused before the imports below, which take seconds
         if args.parallel is not None and args.parallel < 1:
             raise ConfigError(f"--parallel {args.parallel}: give 1 or more")
-        make_plan(args.sweep, args.params, args.parallel)
+        plan = make_plan(args.sweep, args.params, args.parallel)
         ensure_server()
     if args.dask is None:
         from flows import trial
@@ -66,7 +66,7 @@ def main() -> None:
         trial.forkserver()  # the server that forks the trials imports from now on, beside Prefect's import below
     from flows import sweep_flow
 
-    sweep_flow.main(args)
+    sweep_flow.main(args, plan)
 
 
 if __name__ == "__main__":

@@ -481,14 +481,14 @@ def task_runner(address: str | None, parallel: int) -> Any:
     return DaskTaskRunner(address=address)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, plan: Plan) -> None:
+    """The command line's sweep: `plan` is what `flows/sweep.py` made of the same args when it checked them."""
     import signal
 
     from tasks.cli import fail, stop_on_sigterm, user_errors
 
     stop_on_sigterm()
     with user_errors():
-        plan = make_plan(args.sweep, args.params, args.parallel)
         executor = task_runner(args.dask, plan.parallel)
         try:
             sweep.with_options(task_runner=executor)(
