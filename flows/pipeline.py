@@ -512,8 +512,10 @@ def summary() -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    from flows.server import without_heartbeats
+
     stop_on_sigterm()
-    with user_errors():
+    with user_errors(), without_heartbeats():
         pipeline(params_path=str(args.params), overrides=args.overrides or None, force=args.force, pull=args.pull)
     print(summary())
 

@@ -18,12 +18,14 @@ Light on purpose: this runs before Prefect is imported, so PREFECT_API_URL is se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.errors import ServerError
@@ -190,6 +192,26 @@ def ensure_server() -> str:
             )
         time.sleep(0.5)
     raise ServerError(f"the local Prefect server did not answer on {url} within {STARTUP_SECONDS} s; see {home / LOG}")
+
+
+@contextlib.contextmanager
+def without_heartbeats() -> Iterator[None]:
+    """A flow run started from the command line sends no Prefect heartbeats, unless they are configured.
+
+    Prefect's flow run sends one every 180 s from a thread that sleeps in steps of 1 s, and the flow
+    run's end waits for that sleep: 0.5 s on average, up to 1 s, at the end of every run. Heartbeats
+    let an automation mark Crashed a flow run whose process died; the pipeline's command line closes
+    those itself (the next run in the checkout, by process id). PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    in the environment or the Prefect profile, turns them on. A deployment's runs, which a worker
+    starts, keep Prefect's setting.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def stop_server() -> None:

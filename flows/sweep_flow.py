@@ -485,10 +485,11 @@ def main(args: argparse.Namespace, plan: Plan) -> None:
     """The command line's sweep: `plan` is what `flows/sweep.py` made of the same args when it checked them."""
     import signal
 
+    from flows.server import without_heartbeats
     from tasks.cli import fail, stop_on_sigterm, user_errors
 
     stop_on_sigterm()
-    with user_errors():
+    with user_errors(), without_heartbeats():
         executor = task_runner(args.dask, plan.parallel)
         try:
             sweep.with_options(task_runner=executor)(

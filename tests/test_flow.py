@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import time
 import urllib.request
 from types import SimpleNamespace
 
@@ -97,12 +98,37 @@ def test_a_fresh_clone_s_first_flow_run_evaluates_and_registers_in_its_own_store
     assert "running it" not in again.stdout + again.stderr  # recorded now: up to date
 
 
+def last_flow_run_events(api: str) -> set[str]:
+    """The end and heartbeat events of the server's latest flow run, once its end (the last event) has arrived."""
+    (run,) = prefect_rest(api, "flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    body = {
+        "filter": {
+            "any_resource": {"id": [f"prefect.flow-run.{run['id']}"]},
+            "event": {"name": ["prefect.flow-run.Completed", "prefect.flow-run.heartbeat"]},
+            "occurred": {"since": run["created"]},
+        },
+        "limit": 50,
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        events = {e["event"] for e in prefect_rest(api, "events/filter", body)["events"]}
+        if "prefect.flow-run.Completed" in events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
 def test_cli_override_reruns_from_train_and_writes_params(prefect_api, project):
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     first = sh(sys.executable, "-m", "flows.pipeline", cwd=project, env=env)
     assert "test accuracy" in first.stdout and "MLflow run" in first.stdout
+    # A command-line run sends no heartbeats (their thread held up the end of every run by up to
+    # 1 s), unless they are configured: then it does.
+    events = last_flow_run_events(prefect_api)
+    assert "prefect.flow-run.Completed" in events and "prefect.flow-run.heartbeat" not in events
 
-    proc = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=4", cwd=project, env=env)
+    beats = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    proc = sh(sys.executable, "-m", "flows.pipeline", "--set", "train.epochs=4", cwd=project, env=beats)
+    assert {"prefect.flow-run.Completed", "prefect.flow-run.heartbeat"} <= last_flow_run_events(prefect_api)
     out = proc.stdout + proc.stderr  # the steps' prints go through Prefect's logger, to stderr
     for i, stage in enumerate(("prepare", "build"), 1):
         assert f"[{i}/6 {stage}] up to date" in out
