@@ -200,8 +200,9 @@ def without_heartbeats() -> Iterator[None]:
 
     Prefect's flow run sends one every 180 s from a thread that sleeps in steps of 1 s, and the flow
     run's end waits for that sleep: 0.5 s on average, up to 1 s, at the end of every run. Heartbeats
-    let an automation mark Crashed a flow run whose process died; the pipeline's command line closes
-    those itself (the next run in the checkout, by process id). PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    only let an automation (none on the local server) mark Crashed a flow run whose process died; the
+    pipeline's command line closes those itself (the next run in the checkout, by process id), and a
+    killed sweep's run stays Running without one either way. PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
     in the environment or the Prefect profile, turns them on. A deployment's runs, which a worker
     starts, keep Prefect's setting.
     """
