@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ from typing import Any
 from tasks import STAGES, StepContext, checker, run_stage
 from tasks.cli import add_params_arguments, checkout_lock, load_or_exit, stop_on_sigterm, user_errors
 from tasks.errors import ConfigError, DataError, PipelineError, TrackingError
-from tasks.files import process_alive
 from tasks.paths import PARAMS_FILE
 
 RETRIES = 2  # train, evaluate and export after a crash or a store away for a moment (train resumes its checkpoint)
@@ -128,45 +126,6 @@ for _stage in ("train", "evaluate", "export", "promote"):  # the steps that talk
     STEP_TASKS[_stage] = STEP_TASKS[_stage].with_options(
         retries=RETRIES, retry_delay_seconds=[10, 60], retry_condition_fn=worth_retrying
     )
-
-
-def close_crashed_flow_runs() -> None:
-    """Mark Crashed the flow runs of this checkout that a kill left RUNNING: no process is left to end them.
-
-    Each flow run is tagged with its checkout (a hash of host and path) and its process id; a
-    RUNNING one whose process is gone was killed (SIGKILL, out of memory, power).
-    """
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
-
-    from tasks.tracking import process_tags
-
-    ident = process_tags()  # the same host, checkout and process identity as the MLflow run's tags
-    where = f"{ident['pipeline.host']}:{ident['pipeline.checkout']}"
-    checkout = "checkout:" + hashlib.sha256(where.encode()).hexdigest()[:12]
-    with get_client(sync_client=True) as client:
-        me = client.read_flow_run(flow_run.id)
-        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{ident['pipeline.pid']}"}))
-        running = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[checkout]),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
-            )
-        )
-        for run in running:
-            pid = next((t.removeprefix("pid:") for t in run.tags if t.startswith("pid:")), "")
-            if run.id == me.id or (pid and process_alive(pid)):
-                continue
-            message = "its process was killed; closed by the next pipeline run in this checkout"
-            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid.split('-')[0]}) was killed")
 
 
 def changed_params(params_path: str, overrides: list[str] | None) -> tuple[Params, dict]:
@@ -377,6 +336,8 @@ def pipeline(
     params file as it found it.
     """
     from prefect import get_run_logger
+
+    from flows.server import close_crashed_flow_runs
 
     path = Path(params_path)
     logger = get_run_logger()

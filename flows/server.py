@@ -201,10 +201,9 @@ def without_heartbeats() -> Iterator[None]:
     Prefect's flow run sends one every 180 s from a thread that sleeps in steps of 1 s, and the flow
     run's end waits for that sleep: 0.5 s on average, up to 1 s, at the end of every run. Heartbeats
     only let an automation (none on the local server) mark Crashed a flow run whose process died; the
-    pipeline's command line closes those itself (the next run in the checkout, by process id), and a
-    killed sweep's run stays Running without one either way. PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    in the environment or the Prefect profile, turns them on. A deployment's runs, which a worker
-    starts, keep Prefect's setting.
+    pipeline and the sweep close those themselves (`close_crashed_flow_runs`: the next flow run in the
+    checkout, by process id). PREFECT_FLOWS_HEARTBEAT_FREQUENCY, in the environment or the Prefect
+    profile, turns them on. A deployment's runs, which a worker starts, keep Prefect's setting.
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
@@ -213,6 +212,49 @@ def without_heartbeats() -> Iterator[None]:
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def close_crashed_flow_runs() -> None:
+    """Mark Crashed the flow runs of this checkout that a kill left RUNNING: no process is left to end them.
+
+    Called by the pipeline and the sweep flow as they start. Each flow run is tagged with its
+    checkout (a hash of host and path) and its process id; a RUNNING one, pipeline or sweep, whose
+    process is gone was killed (SIGKILL, out of memory, power). A live process's run is never touched.
+    """
+    import hashlib
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
+
+    from tasks.tracking import process_tags
+
+    ident = process_tags()  # the same host, checkout and process identity as the MLflow run's tags
+    where = f"{ident['pipeline.host']}:{ident['pipeline.checkout']}"
+    checkout = "checkout:" + hashlib.sha256(where.encode()).hexdigest()[:12]
+    with get_client(sync_client=True) as client:
+        me = client.read_flow_run(flow_run.id)
+        client.update_flow_run(me.id, tags=sorted({*me.tags, checkout, f"pid:{ident['pipeline.pid']}"}))
+        running = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[checkout]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            )
+        )
+        for run in running:
+            pid = next((t.removeprefix("pid:") for t in run.tags if t.startswith("pid:")), "")
+            if run.id == me.id or (pid and process_alive(pid)):
+                continue
+            message = "its process was killed; closed by the next flow run in this checkout"
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            print(f"marked Prefect flow run '{run.name}' Crashed: its process ({pid.split('-')[0]}) was killed")
 
 
 def stop_server() -> None:

@@ -350,9 +350,11 @@ def sweep(
     sweep_path: str, params_path: str = str(PARAMS_FILE), parallel: int | None = None, fresh: bool = False
 ) -> dict:
     """Run the trials that have no result yet, in parallel; report the best. Returns the results by trial number."""
+    from flows.server import close_crashed_flow_runs
     from tasks import tracking
 
     logger = get_run_logger()
+    close_crashed_flow_runs()  # a sweep or pipeline of this checkout killed outright (SIGKILL) left Running
     plan = make_plan(Path(sweep_path), Path(params_path), parallel)
     plan.folder.mkdir(parents=True, exist_ok=True)
     lock = runner.hold(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import ConfigError
-from tests.conftest import ROOT, one_line_error, python, sh, start
+from tests.conftest import ROOT, one_line_error, prefect_rest, python, sh, start
 
 GRID = """\
 method: grid
@@ -225,9 +225,25 @@ def test_a_killed_or_interrupted_sweep_leaves_no_trial_running_and_its_runs_kill
         assert sweep.returncode == 130 and "error: sweep long interrupted (Ctrl-C)" in out, out
     assert wait_until_gone(project, 20) == []
     (note,) = project.glob(".sweeps/long-*/sweep.json")
-    trials = sweep_runs(json.loads(note.read_text())["run_id"])
+    parent = json.loads(note.read_text())["run_id"]
+    trials = sweep_runs(parent)
     assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}
     assert not list(project.glob(".sweeps/long-*/trial-*/result.json"))  # stopped from outside: no result, runs again
+
+    # The sweep's Prefect flow run: Prefect ends it on Ctrl-C; after a SIGKILL, the next flow run in
+    # the checkout (here a sweep of one short trial) marks it Crashed, as the pipeline does its own.
+    from tasks.tracking import client
+
+    flow_run_id = client().get_run(parent).data.tags["prefect.flow_run_id"]
+    state = prefect_rest(prefect_api, f"flow_runs/{flow_run_id}")["state_type"]
+    assert state == ("RUNNING" if how == "SIGKILL" else "CRASHED")
+    short = write(project, "short.yaml", "params:\n  train.epochs: 1\nspace:\n  train.lr: [0.01]\n")
+    done = sh(sys.executable, "-m", "flows.sweep", short, cwd=project, env=env)
+    out = done.stdout + done.stderr
+    assert (f"marked Prefect flow run 'sweep {spec}' Crashed: its process ({sweep.pid}) was killed" in out) == (
+        how == "SIGKILL"
+    ), out
+    assert prefect_rest(prefect_api, f"flow_runs/{flow_run_id}")["state_type"] == "CRASHED"
 
 
 @pytest.mark.slow
