@@ -16,6 +16,11 @@ by round:
 - "repro": `dvc repro --force`, the same stages, one process each.
 
 Then a no-op `dvc repro` (nothing changed: DVC only checks), and `--help` of every entry point.
+Each run's CPU time is counted too: every process it started and waited for (the flow's export
+check and git included), and for the flow the local Prefect server's share, read from /proc. On
+a machine of N cores no run can finish in less than its CPU time / N, whatever runs side by side:
+the report gives that floor as a ratio to the bare script, next to the measured one.
+
 Each step's time is read from the output as it arrives (see `timed`): the flow's `[k/6 stage]`
 lines, DVC's `Running stage` lines. "start" is the time before the first step (the flow's imports,
 server check and flow start; DVC's start), "end" the flow's time after its last step (the push, the
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,14 +63,19 @@ FLOW_LINE = re.compile(r"\[\d+/\d+ (\w+)\]")
 DVC_LINE = re.compile(r"Running stage '(\w+)'")
 
 
-def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None = None) -> tuple[float, dict, str]:
-    """Run `command`; (wall seconds, seconds per step and before and after them, output).
+def timed(
+    command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None = None
+) -> tuple[float, dict, str, float]:
+    """Run `command`; (wall seconds, seconds per step and before and after them, output, CPU seconds).
+
+    The CPU seconds are those of the command and of every process it waited for (user and system).
 
     A step's lines are those `pattern` names it in. For the flow (steps that print only when they
     end) a step runs from the previous step's last line to its own last line, the first from the
     flow run's "Beginning flow run" line; for DVC (which names a stage as it starts it) from its
     first line to the next stage's.
     """
+    cpu_before = children_cpu()
     start = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -84,13 +95,14 @@ def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None =
                 first.setdefault(match[1], now)
                 last[match[1]] = now
     wall = time.perf_counter() - start
+    cpu = children_cpu() - cpu_before
     output = "".join(lines)
     if proc.returncode:
         raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}):\n{output[-3000:]}")
     stages: dict[str, float] = {}
     order = [stage for stage in STAGES if stage in first]
     if not order:
-        return wall, stages, output
+        return wall, stages, output, cpu
     if pattern is FLOW_LINE:
         edges = [begun if begun is not None else first[order[0]]] + [last[stage] for stage in order]
     else:
@@ -99,7 +111,22 @@ def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None =
     for stage, (at, until) in zip(order, zip(edges, edges[1:], strict=False), strict=True):
         stages[stage] = until - at
     stages["end"] = wall - edges[-1]
-    return wall, stages, output
+    return wall, stages, output, cpu
+
+
+def children_cpu() -> float:
+    """User and system seconds of this process's children (and theirs) that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid_file: Path) -> float:
+    """User and system seconds so far of the process whose id `pid_file` holds (the local Prefect server), or 0."""
+    try:
+        fields = Path(f"/proc/{int(pid_file.read_text().split('-')[0])}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
 
 
 def cpu_model() -> str:
@@ -126,21 +153,36 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     py = sys.executable
     results: dict = {"bare": [], "flow": [], "repro": [], "flow_stages": [], "repro_stages": []}
+    results.update({"bare_cpu": [], "flow_cpu": [], "server_cpu": [], "repro_cpu": []})
+    server_pid = repo / ".prefect" / "server.pid"
     try:
         subprocess.run([py, "-m", "flows.server"], cwd=repo, env=env, check=True, capture_output=True)
         print("warm-up: a first flow run (not counted)", flush=True)
         timed([py, "-m", "flows.pipeline", "--force"], repo, env)
         for n in range(1, args.rounds + 1):
-            bare, _, _ = timed([py, str(ROOT / "benchmarks" / "seed_script.py"), str(tmp / "seed-out")], repo, env)
-            flow, flow_stages, _ = timed([py, "-m", "flows.pipeline", "--force"], repo, env, FLOW_LINE)
-            repro, repro_stages, _ = timed(["dvc", "repro", "--force"], repo, env, DVC_LINE)
-            for key, value in (("bare", bare), ("flow", flow), ("repro", repro)):
+            bare, _, _, bare_cpu = timed(
+                [py, str(ROOT / "benchmarks" / "seed_script.py"), str(tmp / "seed-out")], repo, env
+            )
+            server_before = process_cpu(server_pid)
+            flow, flow_stages, _, flow_cpu = timed([py, "-m", "flows.pipeline", "--force"], repo, env, FLOW_LINE)
+            server = process_cpu(server_pid) - server_before
+            repro, repro_stages, _, repro_cpu = timed(["dvc", "repro", "--force"], repo, env, DVC_LINE)
+            for key, value in (
+                ("bare", bare),
+                ("flow", flow),
+                ("repro", repro),
+                ("bare_cpu", bare_cpu),
+                ("flow_cpu", flow_cpu + server),
+                ("server_cpu", server),
+                ("repro_cpu", repro_cpu),
+            ):
                 results[key].append(value)
             results["flow_stages"].append(flow_stages)
             results["repro_stages"].append(repro_stages)
             print(
                 f"round {n}: bare {bare:.1f} s, flow {flow:.1f} s ({flow / bare:.2f}x), "
-                f"dvc repro {repro:.1f} s ({repro / bare:.2f}x)",
+                f"dvc repro {repro:.1f} s ({repro / bare:.2f}x); CPU bare {bare_cpu:.1f}, flow {flow_cpu + server:.1f} "
+                f"(server {server:.1f}), dvc repro {repro_cpu:.1f} core-s",
                 flush=True,
             )
         results["noop"] = [timed(["dvc", "repro"], repo, env)[0] for _ in range(3)]
@@ -160,6 +202,13 @@ def main() -> None:
     print(f"flow (--force)   {flow:6.1f} s   {flow / bare:.2f}x the bare script (target 1.6x)")
     print(f"dvc repro -f     {repro:6.1f} s   {repro / bare:.2f}x (target 4x)")
     print(f"no-op dvc repro  {statistics.median(results['noop']):6.2f} s   (target < 1 s)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    print(f"\nCPU time, core-seconds, and the least wall time it allows on {cores} cores (CPU / {cores}):")
+    for key, label in (("bare", "bare script"), ("flow", "flow (--force)"), ("repro", "dvc repro -f")):
+        cpu = statistics.median(results[f"{key}_cpu"])
+        extra = f" (Prefect server {statistics.median(results['server_cpu']):.1f})" if key == "flow" else ""
+        floor = cpu / cores
+        print(f"  {label:16} {cpu:6.1f}{extra:26} at least {floor:5.1f} s = {floor / bare:.2f}x the bare script")
     print("\nper step, seconds   flow   dvc repro")
     for stage in ("start", *STAGES, "end"):
         cells = []
