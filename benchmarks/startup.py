@@ -102,8 +102,8 @@ def timed(command: list[str], cwd: Path, env: dict, pattern: re.Pattern | None =
             if match and match[1] in STAGES:
                 first.setdefault(match[1], now)
                 last[match[1]] = now
-        # Exited but not yet reaped: its main thread's final CPU time is still in /proc.
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        if hasattr(os, "waitid"):  # Python 3.11 has none on macOS (nor /proc: the count is 0 there)
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its /proc stat stays
         main_cpu = thread_cpu(proc.pid)
     wall = time.perf_counter() - start
     cpu = children_cpu() - cpu_before
